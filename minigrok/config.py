@@ -1,0 +1,176 @@
+"""ModelConfig: every shape and option of a MiniGrok model, validated where it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHARE_MODES = ("none", "all", "immediate", "cycle")
+BACKENDS = ("auto", "torch", "triton")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the model cannot use; the message names the field, the value and the fix."""
+
+
+def _unknown_key_error(owner: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"unknown {owner} field {key!r}: {hint}valid fields are {', '.join(known)}")
+
+
+def check_fields(owner: str, cls: type, values: dict[str, Any]) -> None:
+    """Raise ConfigError for any key of `values` that is not a field of dataclass `cls`."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            raise _unknown_key_error(owner, key, known)
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in configs/."""
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("minigrok.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def load_yaml(path_or_preset: str | Path) -> dict[str, Any]:
+    """Read a YAML config from a file path or a preset name (e.g. "tiny"); returns its top-level mapping."""
+    path = Path(path_or_preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist: give a YAML path or one of the presets {preset_names()}"
+            )
+        text = path.read_text()
+    else:
+        preset = resources.files("minigrok.configs") / f"{path_or_preset}.yaml"
+        if not preset.is_file():
+            raise ConfigError(
+                f"unknown preset {str(path_or_preset)!r}: choose one of {preset_names()} or give a YAML path"
+            )
+        text = preset.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {str(path_or_preset)!r} must be a YAML mapping with 'model' (and 'train') sections")
+    return data
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only transformer. `None` fields are derived in __post_init__ and stored resolved.
+
+    n_kv_heads: key/value heads (None = n_heads, MHA; 1 = MQA). head_dim: None = dim // n_heads.
+    ffn_dim: None = 8/3 * dim rounded up to a multiple of 64 (SwiGLU keeps the MLP's parameters at 8 d^2).
+    share: how logical layers map to the n_unique_layers physical blocks: "none", "all" (one block),
+    "immediate" (0,0,1,1,..: each block repeated in place) or "cycle" (0,1,..,0,1,..).
+    backend: which implementation of the ops runs ("auto" = Triton on CUDA when installed, else PyTorch).
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    share: str = "none"
+    n_unique_layers: int | None = None
+    init_std: float = 0.02
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            self._check_positive_int(name)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        self._check_positive_int("n_kv_heads")
+        if self.n_heads % self.n_kv_heads:
+            divisors = [d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]
+            raise ConfigError(
+                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: choose n_kv_heads from {divisors}"
+            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(
+                    f"dim={self.dim} is not divisible by n_heads={self.n_heads}: change one of them or set head_dim explicitly"
+                )
+            self.head_dim = self.dim // self.n_heads
+        self._check_positive_int("head_dim")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head_dim={self.head_dim} is odd: RoPE rotates pairs of channels, so use an even head_dim"
+            )
+        if self.ffn_dim is None:
+            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        self._check_positive_int("ffn_dim")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name}={value!r} must be a positive number")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"tie_embeddings={self.tie_embeddings!r} must be true or false")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is unknown: choose one of {BACKENDS}")
+        self._resolve_sharing()
+
+    def _check_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+    def _resolve_sharing(self) -> None:
+        if self.share not in SHARE_MODES:
+            raise ConfigError(f"share={self.share!r} is unknown: choose one of {SHARE_MODES}")
+        default = {"none": self.n_layers, "all": 1}.get(self.share)
+        if self.n_unique_layers is None:
+            if default is None and self.n_layers % 2:
+                raise ConfigError(
+                    f"share={self.share!r} with odd n_layers={self.n_layers} has no default n_unique_layers: "
+                    "set n_unique_layers to a divisor of n_layers"
+                )
+            self.n_unique_layers = default if default is not None else self.n_layers // 2
+        self._check_positive_int("n_unique_layers")
+        if default is not None and self.n_unique_layers != default:
+            raise ConfigError(
+                f"n_unique_layers={self.n_unique_layers} does not fit share={self.share!r}, which uses {default} "
+                f"block(s) for n_layers={self.n_layers}: drop n_unique_layers or pick share='immediate' or 'cycle'"
+            )
+        if self.n_layers % self.n_unique_layers:
+            divisors = [d for d in range(1, self.n_layers + 1) if self.n_layers % d == 0]
+            raise ConfigError(
+                f"n_unique_layers={self.n_unique_layers} does not divide n_layers={self.n_layers} for "
+                f"share={self.share!r}: choose one of {divisors}"
+            )
+
+    def layer_schedule(self) -> list[int]:
+        """The physical block used at each logical layer position."""
+        repeats = self.n_layers // self.n_unique_layers
+        if self.share == "immediate":
+            return [i // repeats for i in range(self.n_layers)]
+        return [i % self.n_unique_layers for i in range(self.n_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        check_fields("ModelConfig", cls, values)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path_or_preset: str | Path) -> ModelConfig:
+        """Build from a preset name (see configs/) or a YAML file; reads its `model` section."""
+        data = load_yaml(path_or_preset)
+        return cls.from_dict(data.get("model", data))

@@ -1,0 +1,26 @@
+"""The ops the model is built from, one function each, with a `backend` argument.
+
+Each function holds the plain PyTorch path (the CPU fallback and the readable definition of the op) and hands
+CUDA tensors to the Triton kernel in `minigrok.kernels` when triton imports (see `_dispatch.use_triton`).
+"""
+
+from ._dispatch import BACKENDS, triton_available, use_triton
+from .attention import attention, attention_mask
+from .cross_entropy import cross_entropy, linear_cross_entropy
+from .rms_norm import rms_norm
+from .rope import apply_rope, rope_cos_sin
+from .swiglu import swiglu
+
+__all__ = [
+    "BACKENDS",
+    "apply_rope",
+    "attention",
+    "attention_mask",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "rms_norm",
+    "rope_cos_sin",
+    "swiglu",
+    "triton_available",
+    "use_triton",
+]

@@ -1,0 +1,74 @@
+"""Scaled dot-product attention with native GQA/MQA, causal and sliding-window masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+
+def _check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention expects q, k, v as [B, H, T, D]; got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"attention needs k and v of one shape; got k{tuple(k.shape)} and v{tuple(v.shape)}")
+    (batch, n_q_heads, q_len, head_dim), (_, n_kv_heads, kv_len, _) = q.shape, k.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"attention: q{tuple(q.shape)} and k{tuple(k.shape)} disagree on batch or head dim")
+    if n_q_heads % n_kv_heads:
+        raise ValueError(f"attention: q has {n_q_heads} heads, not a multiple of the {n_kv_heads} heads of k/v")
+    if q_len > kv_len:
+        raise ValueError(f"attention: q length {q_len} exceeds k/v length {kv_len}; queries align to the last keys")
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window={window} must be >= 1 (or None for no window)")
+
+
+def attention_mask(
+    q_len: int, kv_len: int, causal: bool, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [q_len, kv_len] mask (True = visible), or None when every key is visible.
+
+    Query i sits at position i + kv_len - q_len (queries align to the last keys, as after a KV cache).
+    """
+    if not causal and window is None:
+        return None
+    query_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    key_pos = torch.arange(kv_len, device=device)[None, :]
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        visible &= key_pos <= query_pos
+    if window is not None:
+        visible &= (query_pos - key_pos).abs() < window
+    return visible
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], query head h reading kv head h // (Hq // Hkv).
+
+    `causal` masks future keys; `window` keeps only keys within `window` positions of the query.
+    """
+    _check_attention_args(q, k, v, window)
+    if use_triton(backend, q):
+        from minigrok.kernels.attention import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
+    q_len, kv_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    causal = causal and q_len > 1  # a single query at the end of the keys sees all of them
+    window = window if window is not None and window < kv_len else None
+    if causal and window is None and q_len == kv_len:
+        # SDPA's own causal path never builds a mask tensor.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = attention_mask(q_len, kv_len, causal, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

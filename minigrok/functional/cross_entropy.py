@@ -1,0 +1,128 @@
+"""Token cross-entropy, plain and fused with the output projection (chunked so [N, vocab] logits never exist)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+
+def _check_targets(targets: torch.Tensor, n_rows: int, vocab_size: int, ignore_index: int) -> None:
+    if targets.shape != (n_rows,):
+        raise ValueError(f"cross-entropy: targets must have shape [{n_rows}], got {tuple(targets.shape)}")
+    valid = targets[targets != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
+        raise ValueError(
+            f"cross-entropy: target ids must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"got values in [{int(valid.min())}, {int(valid.max())}]"
+        )
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy of logits [N, V] against targets [N] over the rows whose target is not ignore_index.
+
+    `z_loss` adds z_loss * logsumexp(logits)^2 per row (keeps the softmax normaliser near 1); a batch with every
+    row ignored gives 0, not NaN.
+    """
+    _check_targets(targets, logits.shape[0], logits.shape[-1], ignore_index)
+    logits = logits.float()
+    losses = F.cross_entropy(
+        logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
+    valid = targets != ignore_index
+    if z_loss:
+        losses = losses + z_loss * torch.logsumexp(logits, dim=-1).pow(2) * valid
+    return losses.sum() / valid.sum().clamp(min=1)
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of one chunk of fp32 logits and its gradient with respect to them, written over `logits`."""
+    valid = targets != ignore_index
+    safe_targets = targets.masked_fill(~valid, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, safe_targets[:, None])[:, 0]
+    losses = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1)) + z_loss * lse**2
+    loss_sum = (losses * valid).sum()
+    # d/dlogits = softmax * (1 + 2 z lse) - (1 - eps) onehot(target) - eps / V, zero on ignored rows.
+    grad = logits.sub_(lse[:, None]).exp_().mul_((1 + 2 * z_loss * lse)[:, None])
+    grad.sub_(label_smoothing / logits.shape[-1])
+    grad.scatter_add_(1, safe_targets[:, None], torch.full_like(lse[:, None], label_smoothing - 1))
+    grad.mul_(valid[:, None])
+    return loss_sum, grad
+
+
+def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
+    """Rows per chunk so that one chunk of fp32 logits takes about 32 MiB."""
+    return max(16, min(n_rows, (32 << 20) // (4 * vocab_size)))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Computes the loss and both gradients chunk by chunk in forward; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start : start + chunk_rows]
+            logits = (rows @ weight.T).float()
+            loss_sum, grad_logits = _chunk_loss_and_grad(
+                logits, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss
+            )
+            total += loss_sum
+            grad_logits = grad_logits.div_(n_valid).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ rows).float()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
+            *([None] * 5),
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_rows: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """cross_entropy(hidden [N, d] @ weight[V, d]^T, targets) without materialising the [N, V] logits.
+
+    Rows are processed `chunk_rows` at a time; gradients of hidden and weight are formed in the same pass.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: expected hidden [N, d] and weight [V, d]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
+    if use_triton(backend, hidden):
+        from minigrok.kernels.linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
+
+        return triton_linear_cross_entropy(hidden, weight, targets, ignore_index, label_smoothing, z_loss)
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows)

@@ -1,0 +1,154 @@
+"""Conversion to and from the Hugging Face Llama layout (LlamaForCausalLM), without importing transformers.
+
+Our fused qkv_proj / gate_up_proj split into Llama's q/k/v and gate/up projections; the RoPE layout is the same.
+Shared-layer models export with each shared block copied to every position that uses it (Llama has no sharing),
+so an exported model has n_layers unique blocks and imports back with share="none".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, read_json, write_json, write_tensors
+from .config import ModelConfig
+from .model import MiniGrok
+
+_BLOCK_NORMS = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight"}
+
+
+def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def export_hf(model: MiniGrok, directory: str | Path) -> None:
+    """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads."""
+    config, state = model.config, model.state_dict()
+    q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    tensors = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = state["lm_head.weight"]
+    for layer, block in enumerate(model.schedule):
+        ours, theirs = f"blocks.{block}.", f"model.layers.{layer}."
+        q, k, v = state[ours + "attn.qkv_proj.weight"].split([q_size, kv_size, kv_size])
+        gate, up = state[ours + "mlp.gate_up_proj.weight"].chunk(2)
+        tensors |= {
+            theirs + "self_attn.q_proj.weight": q,
+            theirs + "self_attn.k_proj.weight": k,
+            theirs + "self_attn.v_proj.weight": v,
+            theirs + "self_attn.o_proj.weight": state[ours + "attn.o_proj.weight"],
+            theirs + "mlp.gate_proj.weight": gate,
+            theirs + "mlp.up_proj.weight": up,
+            theirs + "mlp.down_proj.weight": state[ours + "mlp.down_proj.weight"],
+        }
+        tensors |= {theirs + hf_name: state[ours + name] for name, hf_name in _BLOCK_NORMS.items()}
+    # Shared blocks appear at several layers: give each its own storage, as safetensors stores no aliases.
+    tensors = {name: t.clone() for name, t in tensors.items()}
+    directory = Path(directory)
+    write_tensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(directory / "config.json", _hf_config(config, model.embed.weight.dtype))
+
+
+def _config_from_hf(hf: dict, path: Path) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type={hf.get('model_type')!r}; import_hf reads Llama checkpoints only")
+    rope = hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    if hf.get("rope_scaling") or rope_type != "default":
+        raise CheckpointError(
+            f"{path}: RoPE scaling ({hf.get('rope_scaling') or rope_type}) is not supported; only plain RoPE"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"{path}: {flag}=true is not supported; minigrok's linears have no bias")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: hidden_act={hf['hidden_act']!r}; only SwiGLU (silu) MLPs are supported")
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
+    tensors = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing: import_hf reads safetensors weights only")
+        try:
+            tensors |= load_file(directory / name)
+        except Exception as error:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"{directory / name} is truncated or corrupt ({error})") from error
+    return tensors
+
+
+def import_hf(directory: str | Path) -> MiniGrok:
+    """Build a MiniGrok (share="none") from a Hugging Face Llama directory of config.json + safetensors."""
+    directory = Path(directory)
+    config = _config_from_hf(read_json(directory / "config.json"), directory / "config.json")
+    hf = _read_hf_tensors(directory)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise CheckpointError(f"{directory}: tensor {name!r} is missing from the Llama checkpoint")
+        return hf[name]
+
+    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight")
+    for layer in range(config.n_layers):
+        ours, theirs = f"blocks.{layer}.", f"model.layers.{layer}."
+        attn = [take(theirs + f"self_attn.{p}_proj.weight") for p in "qkv"]
+        state[ours + "attn.qkv_proj.weight"] = torch.cat(attn)
+        state[ours + "attn.o_proj.weight"] = take(theirs + "self_attn.o_proj.weight")
+        state[ours + "mlp.gate_up_proj.weight"] = torch.cat(
+            [take(theirs + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
+        )
+        state[ours + "mlp.down_proj.weight"] = take(theirs + "mlp.down_proj.weight")
+        state |= {ours + name: take(theirs + hf_name) for name, hf_name in _BLOCK_NORMS.items()}
+    model = MiniGrok(config)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{directory}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state)
+    return model.to(state["embed.weight"].dtype)

@@ -1,0 +1,233 @@
+"""MiniGrok: a compact pre-norm decoder (RMSNorm, RoPE, SwiGLU, GQA/MQA, shared-parameter layers)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import functional as F
+from .config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, T, vocab] and, when targets were given, the mean token cross-entropy."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class KVCache:
+    """Static per-layer key/value buffers of `n_kv_heads` heads, filled left to right (gpt-fast style)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions already written
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] after the cached positions; return everything cached so far for `layer`."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.backend = eps, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_heads key/value heads; q, k and v come from one fused projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.backend = config.backend
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
+        # [B, T, H*D] -> [B, H, T, D] as strided views; the ops take any strides.
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = F.apply_rope(q, k, cos, sin, backend=self.backend)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.attention(q, k, v, causal=True, backend=self.backend)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one fused projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.backend = config.backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.swiglu(gate, up, backend=self.backend))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MiniGrok(nn.Module):
+    """The decoder. `blocks` holds the n_unique_layers physical blocks; `schedule[i]` is the block run at layer i."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_unique_layers))
+        self.schedule = config.layer_schedule()
+        self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(param, std=std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def check_input_ids(self, input_ids: torch.Tensor, start: int = 0) -> None:
+        """Raise ValueError for ids outside the vocabulary or a sequence past max_seq_len."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, seq]; got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        if start + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {start + input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}: "
+                "truncate the input or build the model with a larger max_seq_len"
+            )
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.config.vocab_size}): "
+                    "check the tokenizer matches the model's vocab_size"
+                )
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """Logits for input_ids [B, T]; with `targets` [B, T] (-100 = ignore) also the mean loss.
+
+        With a `cache`, input_ids continue the cached sequence and the cache advances by T.
+        """
+        start = 0 if cache is None else cache.length
+        self.check_input_ids(input_ids, start)
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        cos, sin = F.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.embed(input_ids)
+        for layer, block_index in enumerate(self.schedule):
+            x = self.blocks[block_index](x, cos, sin, cache, layer)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        x = self.norm(x)
+        logits = x @ self.head_weight.T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return ModelOutput(logits=logits, loss=loss)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: list[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, [B], one step at a time (see `generate`)."""
+        from .generate import stream
+
+        yield from stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: list[int] | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] extended by up to max_new_tokens sampled tokens; greedy when temperature == 0.
+
+        Generation ends early once every row has produced one of `stop_tokens`; a row that stopped first is padded
+        with its stop token. `seed` makes sampling reproducible without touching the global RNG.
+        """
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed))
+        return torch.cat([input_ids, *(token[:, None] for token in new)], dim=1)
+
+    # -- persistence and reporting ------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors (tied and shared tensors once), each atomically."""
+        from .checkpoint import save_model
+
+        save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MiniGrok:
+        """Rebuild a model saved by save_pretrained, checking every tensor against config.json."""
+        from .checkpoint import load_model
+
+        return load_model(directory, map_location)
+
+    def report(self, context: int | None = None):
+        """Parameter counts, FLOPs per token at `context` (default max_seq_len), KV-cache and checkpoint bytes."""
+        from .report import model_report
+
+        return model_report(self, context)

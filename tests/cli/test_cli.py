@@ -1,0 +1,56 @@
+"""The `minigrok` command line, run in-process and as the installed console script."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minigrok import MiniGrok, ModelConfig
+from minigrok.cli import main
+
+
+def test_info_reports_a_preset_with_overrides(capsys):
+    assert main(["info", "--config", "tiny", "--set", "model.share=all", "--set", "n_layers=4", "--context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "share: all" in out and "n_layers: 4" in out
+    assert "forward FLOPs / token @ 64" in out and "unique parameters" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["info", "--config", "huge"], "unknown preset 'huge'"),
+        (["info", "--config", "tiny", "--set", "model.dimm=3"], "did you mean 'dim'"),
+        (["info", "--config", "tiny", "--set", "optim.lr=3"], "unknown section 'optim'"),
+        (["info", "--config", "tiny", "--set", "dim"], "not key=value"),
+        (["info", "--config", "tiny", "--set", "n_kv_heads=3"], "n_kv_heads=3 does not divide n_heads=4"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_fix(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_hf_round_trip_through_the_cli(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the HF round trip is checked against transformers (dev extra)")
+    torch.manual_seed(0)
+    model = MiniGrok(ModelConfig.from_yaml("tiny"))
+    model.save_pretrained(tmp_path / "ours")
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    ids = torch.randint(0, 512, (1, 9))
+    torch.testing.assert_close(MiniGrok.from_pretrained(tmp_path / "back")(ids).logits, model(ids).logits)
+
+
+def test_console_script_and_light_import():
+    code = (
+        "import sys, minigrok; print(sorted(m for m in ('triton', 'transformers', 'matplotlib') if m in sys.modules))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "minigrok.cli", "info", "--config", "tiny"], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "unique parameters" in run.stdout

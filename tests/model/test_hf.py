@@ -1,0 +1,77 @@
+"""Interop with transformers' own LlamaForCausalLM: export, import and logits parity in fp32."""
+
+import pytest
+import torch
+
+from minigrok import MiniGrok, ModelConfig
+from minigrok.checkpoint import CheckpointError
+from minigrok.hf import export_hf, import_hf
+
+transformers = pytest.importorskip("transformers", reason="HF parity needs the dev extra (pip install -e '.[dev]')")
+
+
+def hf_logits(directory, ids):
+    hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(n_heads=4, n_kv_heads=2),  # GQA
+        dict(n_heads=4, n_kv_heads=1, tie_embeddings=False, rope_theta=500.0),  # MQA, untied head
+        dict(n_heads=6, n_kv_heads=3, head_dim=10),  # head_dim not dim / n_heads
+        dict(n_heads=4, n_kv_heads=2, share="immediate"),  # shared blocks unrolled
+    ],
+)
+def test_export_matches_transformers_logits(tmp_path, overrides):
+    torch.manual_seed(0)
+    config = ModelConfig(**(dict(vocab_size=101, dim=48, n_layers=4, ffn_dim=72, max_seq_len=64) | overrides))
+    model = MiniGrok(config).eval()
+    for p in model.parameters():  # move norms off 1.0 so their mapping is tested too
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    export_hf(model, tmp_path)
+    ids = torch.randint(0, 101, (2, 19))
+    with torch.no_grad():
+        ours = model(ids).logits
+    torch.testing.assert_close(hf_logits(tmp_path, ids), ours, rtol=1e-5, atol=1e-5)
+    back = import_hf(tmp_path)
+    assert back.config.share == "none" and back.config.n_layers == config.n_layers
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads,tied", [(2, False), (1, True)])
+def test_import_random_llama(tmp_path, n_kv_heads, tied):
+    torch.manual_seed(1)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=89,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=2000.0,
+        tie_word_embeddings=tied,
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    model = import_hf(tmp_path).eval()
+    assert model.config.n_kv_heads == n_kv_heads and model.config.tie_embeddings == tied
+    ids = torch.randint(0, 89, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_import_rejects_non_llama(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CheckpointError, match="model_type='gpt2'"):
+        import_hf(tmp_path)

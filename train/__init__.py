@@ -1,0 +1,1 @@
+"""Everything that turns text into weights: tokenizer, data pipeline and trainer."""
