@@ -66,9 +66,9 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 
 
 def read_tensors(
-    path: str | Path, expected: dict[str, tuple[int, ...]], device: str | torch.device = "cpu"
+    path: str | Path, expected: dict[str, tuple[int, ...]] | None = None, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Load a safetensors file and check it holds exactly the `expected` names and shapes."""
+    """Load a safetensors file; with `expected`, check it holds exactly those names and shapes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; re-save it")
@@ -78,6 +78,8 @@ def read_tensors(
         raise CheckpointError(
             f"{path} is truncated or corrupt ({error}): restore it from a good copy or re-save"
         ) from error
+    if expected is None:
+        return tensors
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

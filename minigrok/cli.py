@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -38,6 +39,19 @@ def build_model_config(config: str, overrides: list[str]) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
+def build_run_configs(config: str, overrides: list[str]):
+    """(model field values, TrainConfig, model overrides) from a preset or YAML path and --set overrides."""
+    from .train.config import TrainConfig
+
+    data = load_yaml(config)
+    for section in data:
+        if section not in ("model", "train"):
+            raise ConfigError(f"config {config!r} has an unknown section {section!r}: only 'model' and 'train' exist")
+    parsed = parse_overrides(overrides, {"model": ModelConfig, "train": TrainConfig})
+    train_config = TrainConfig.from_dict(dict(data.get("train") or {}) | parsed["train"])
+    return dict(data.get("model") or {}) | parsed["model"], train_config, parsed["model"]
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .model import MiniGrok
 
@@ -67,6 +81,158 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     print(f"wrote a minigrok checkpoint to {args.out}")
 
 
+def load_checkpoint(path: str):
+    """(model, tokenizer) from a checkpoint or run directory, checked against each other."""
+    from .model import MiniGrok
+    from .train.checkpoint import resolve_checkpoint
+    from .train.tokenizer import Tokenizer, check_vocab
+
+    ckpt = resolve_checkpoint(path)
+    model, tokenizer = MiniGrok.from_pretrained(ckpt).eval(), Tokenizer.load(ckpt)
+    check_vocab(tokenizer, model.config.vocab_size)
+    return model, tokenizer
+
+
+def stream_text(model, tokenizer, prompt: str, **sampling) -> str:
+    """Generate from `prompt` (empty = start of a document), printing text as it comes; returns the new text."""
+    import torch
+
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    new_ids, shown = [], ""
+    print(prompt, end="", flush=True)
+    for token in model.generate_stream(torch.tensor([ids]), stop_tokens=[tokenizer.eos_id], **sampling):
+        if token.item() == tokenizer.eos_id:
+            break
+        if token.item() >= tokenizer.vocab_size:  # a padding row of the embedding: no text to show
+            continue
+        new_ids.append(token.item())
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    print()
+    return tokenizer.decode(new_ids)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .model import MiniGrok
+    from .train.checkpoint import checkpoint_dirs, load_trainer_state
+    from .train.config import TrainConfig
+    from .train.data import prepare_data, split_corpus
+    from .train.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
+    from .train.trainer import Trainer
+
+    model_values, train_config, model_overrides = build_run_configs(args.config, args.set)
+    run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    existing = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
+    if existing and not args.resume:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    if args.resume:
+        if not existing:
+            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start")
+        if model_overrides:
+            raise ConfigError(
+                f"--resume keeps the checkpoint's model; drop the model overrides {sorted(model_overrides)}"
+            )
+        state = load_trainer_state(existing[-1])
+        train_overrides = parse_overrides(args.set, {"model": ModelConfig, "train": TrainConfig})["train"]
+        train_config = TrainConfig.from_dict(state["train_config"] | train_overrides)
+        model_values, tokenizer = state["model_config"], Tokenizer.load(existing[-1])
+    else:
+        corpus = split_corpus(args.data or None, args.val_data or None, train_config.val_fraction)
+        tokenizer = load_or_train_tokenizer(
+            args.tokenizer, corpus["train"].documents, train_config.tokenizer_vocab_size
+        )
+        if "vocab_size" not in model_overrides:
+            model_values["vocab_size"] = padded_vocab_size(tokenizer)
+    model_config = ModelConfig.from_dict(model_values)
+    check_vocab(tokenizer, model_config.vocab_size)
+    tokenizer.save(run_dir / "tokenizer.json")
+    data = prepare_data(
+        run_dir / "data", tokenizer, args.data or None, args.val_data or None, train_config.val_fraction
+    )
+    print(
+        f"data: {data.meta['splits']['train']['n_tokens']:,} train / {data.meta['splits']['val']['n_tokens']:,} val tokens"
+    )
+    model = MiniGrok(model_config)
+    print(model.report(context=train_config.seq_len))
+    trainer = Trainer(model, train_config, data, tokenizer, run_dir, resume=args.resume)
+    final = trainer.train()
+    print(
+        f"step {final['step']}: val loss {final['val_loss']:.4f}, val {final['val_bpb']:.4f} bits/byte; run in {run_dir}"
+    )
+    model.eval().cpu()
+    for index in range(args.samples):
+        print(f"--- sample {index + 1} ---")
+        stream_text(model, tokenizer, "", max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40, seed=index)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    stream_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    import math
+
+    import torch
+
+    from .train.config import TrainConfig
+    from .train.data import encode_corpus
+    from .train.trainer import evaluate
+
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    tokens, n_bytes = encode_corpus(tokenizer, args.data or None)
+    seq_len = min(args.seq_len, model.config.max_seq_len)
+    eval_tokens = args.max_tokens or len(tokens)
+    config = TrainConfig(max_steps=1, seq_len=seq_len, batch_size=args.batch_size, eval_tokens=eval_tokens)
+    metrics = evaluate(model, tokens, config, torch.device("cpu"), n_bytes / len(tokens))
+    print(json.dumps(metrics | {"tokens": len(tokens), "perplexity": math.exp(metrics["val_loss"])}, indent=2))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .train.plot import plot_runs
+
+    out = plot_runs(args.runs, args.out)
+    print(f"wrote {out}")
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from .bench import bench_train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = build_model_config(args.config, args.set)
+    result = bench_train(
+        config,
+        args.batch_size,
+        args.seq_len,
+        args.dtype,
+        steps=args.steps,
+        compare_hf=args.compare == "hf",
+        device=args.device,
+    )
+    for key, value in result.items():
+        print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigrok", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +252,56 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("hf_dir", help="directory with config.json and safetensors weights")
     imp.add_argument("--out", required=True, help="output directory")
     imp.set_defaults(run=cmd_import_hf)
+    train = commands.add_parser("train", help="train a model (default: demo-cpu on the built-in corpus), then sample")
+    train.add_argument("--config", default="demo-cpu", help="preset name or YAML path (default: demo-cpu)")
+    train.add_argument(
+        "--data", nargs="+", help="training corpus: files, directories, globs, .jsonl (default: built-in)"
+    )
+    train.add_argument("--val-data", nargs="+", help="validation corpus (default: held out from --data by file hash)")
+    train.add_argument("--tokenizer", default="bpe", help="bpe (trained on the data), byte, or a tokenizer.json path")
+    train.add_argument("--out", help="run directory (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.<field> or train.<field>")
+    train.add_argument("--samples", type=int, default=3, help="samples printed after training")
+    train.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample")
+    train.set_defaults(run=cmd_train)
+
+    generate = commands.add_parser("generate", help="stream a continuation of a prompt from a checkpoint")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its newest)")
+    generate.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(run=cmd_generate)
+
+    evaluate = commands.add_parser("eval", help="loss and bits per byte of a checkpoint on a corpus")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its newest)")
+    evaluate.add_argument("--data", nargs="+", help="corpus to score (default: the built-in corpus' validation files)")
+    evaluate.add_argument("--seq-len", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    evaluate.set_defaults(run=cmd_eval)
+
+    plot = commands.add_parser("plot", help="PNG of train/val curves of one or more runs")
+    plot.add_argument("runs", nargs="+", help="run directories (each with log.jsonl)")
+    plot.add_argument("--out", default=None, help="PNG path (default: <first run>/curves.png)")
+    plot.set_defaults(run=cmd_plot)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_train = bench.add_parser("train", help="training tokens/s and MFU, optionally against transformers' Llama")
+    bench_train.add_argument("--config", default="demo-cpu", help="preset name or YAML path")
+    bench_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model field")
+    bench_train.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    bench_train.add_argument("--batch-size", type=int, default=8)
+    bench_train.add_argument("--seq-len", type=int, default=256)
+    bench_train.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    bench_train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bench_train.add_argument("--device", default="cpu")
+    bench_train.add_argument("--compare", choices=["hf"], default=None, help="also time transformers' LlamaForCausalLM")
+    bench_train.add_argument("--json", default=None, help="write every figure to this JSON file")
+    bench_train.set_defaults(run=cmd_bench_train)
     return parser
 
 

@@ -19,7 +19,8 @@ from .model import MiniGrok
 _BLOCK_NORMS = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight"}
 
 
-def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The Llama config.json fields describing `config`."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -68,7 +69,7 @@ def export_hf(model: MiniGrok, directory: str | Path) -> None:
     tensors = {name: t.clone() for name, t in tensors.items()}
     directory = Path(directory)
     write_tensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
-    write_json(directory / "config.json", _hf_config(config, model.embed.weight.dtype))
+    write_json(directory / "config.json", hf_config_dict(config, model.embed.weight.dtype))
 
 
 def _config_from_hf(hf: dict, path: Path) -> ModelConfig:

@@ -65,31 +65,39 @@ def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
     return max(16, min(n_rows, (32 << 20) // (4 * vocab_size)))
 
 
+def _chunked_loss_and_grads(
+    hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, want_grad_hidden, want_grad_weight
+):
+    """Mean loss and, if wanted, the gradients of hidden and weight, one chunk of rows at a time."""
+    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+    n_valid = (targets != ignore_index).sum().clamp(min=1)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = hidden[start : start + chunk_rows]
+        logits = (rows @ weight.T).float()
+        loss_sum, grad_logits = _chunk_loss_and_grad(
+            logits, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss
+        )
+        total += loss_sum
+        grad_logits = grad_logits.div_(n_valid).to(hidden.dtype)
+        if grad_hidden is not None:
+            grad_hidden[start : start + chunk_rows] = grad_logits @ weight
+        if grad_weight is not None:
+            grad_weight += (grad_logits.T @ rows).float()
+    return total / n_valid, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Computes the loss and both gradients chunk by chunk in forward; backward only scales them."""
+    """Forms the loss and both gradients chunk by chunk in forward; backward only scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows):
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        loss, grad_hidden, grad_weight = _chunked_loss_and_grads(
+            hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, *ctx.needs_input_grad[:2]
         )
-        n_valid = (targets != ignore_index).sum().clamp(min=1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start : start + chunk_rows]
-            logits = (rows @ weight.T).float()
-            loss_sum, grad_logits = _chunk_loss_and_grad(
-                logits, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss
-            )
-            total += loss_sum
-            grad_logits = grad_logits.div_(n_valid).to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ rows).float()
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        return total / n_valid
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -123,6 +131,11 @@ def linear_cross_entropy(
     if use_triton(backend, hidden):
         from minigrok.kernels.linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
 
-        return triton_linear_cross_entropy(hidden, weight, targets, ignore_index, label_smoothing, z_loss)
+        return triton_linear_cross_entropy(
+            hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows=chunk_rows
+        )
     chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows)
+    args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(*args)
+    return _chunked_loss_and_grads(*args, False, False)[0]  # evaluation: the loss alone

@@ -1,0 +1,400 @@
+"""FlashAttention-2 in Triton: fused causal / sliding-window attention with native GQA/MQA, forward and backward."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / math.log(2.0)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the autotuner drops any that run out of shared memory.
+_GPU_CONFIGS = ((32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3))
+
+
+def _configs() -> list[triton.Config]:
+    # The CPU interpreter cannot benchmark, so it gets exactly one config.
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_CONFIGS]
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, n_rows, cols, stride_col, n_cols):
+    """Load a [rows, cols] tile as fp32, zero-filling out-of-range rows and columns."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tile = tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+    # Upcast before any arithmetic: the CPU interpreter gets half-precision math wrong.
+    return tile.to(tl.float32)
+
+
+@triton.jit
+def _store_tile(base, tile, rows, stride_row, n_rows, cols, stride_col, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _visible(q_pos, k_pos, T_K, window, CAUSAL: tl.constexpr):
+    """Key k_pos is visible to query q_pos: in range, not in the future (causal), and closer than `window`."""
+    dist = q_pos - k_pos
+    visible = (k_pos < T_K) & (dist < window)
+    if CAUSAL:
+        visible = visible & (dist >= 0)
+    else:
+        visible = visible & (dist > -window)
+    return visible
+
+
+@triton.jit
+def _key_range(first_pos, T_K, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys any query at positions first_pos .. first_pos + BLOCK_M - 1 can see; lo is block aligned."""
+    lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    last_pos = first_pos + BLOCK_M - 1
+    if CAUSAL:
+        hi = tl.minimum(last_pos + 1, T_K)
+    else:
+        hi = tl.minimum(last_pos + window, T_K)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(first_key, offset, T_Q, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the query rows that can see any key in first_key .. first_key + BLOCK_N - 1; lo is block aligned."""
+    if CAUSAL:
+        first_pos = first_key
+    else:
+        first_pos = first_key - window + 1
+    lo = tl.maximum(first_pos - offset, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(first_key + BLOCK_N - 1 + window - offset, T_Q)
+    return lo, hi
+
+
+@triton.autotune(configs=_configs(), key=["T_Q", "BLOCK_D", "CAUSAL"])
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    n_heads, group_size, T_Q, T_K, HEAD_DIM, qk_scale, window,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    kv_h = h // group_size  # GQA: each run of `group_size` query heads reads one K/V head, never copied
+    offset = T_K - T_Q  # queries are the last T_Q positions
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    # Online softmax in base 2: qk_scale already holds log2(e), so exp2 replaces exp. The running max starts
+    # finite so a row whose first key blocks are all masked (sliding window) gives exp2(-inf) = 0, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + cols
+        k_t = _load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
+        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Rows past T_Q may see no key at all; they are never stored, so guard only against dividing by zero.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    _store_tile(
+        Out + b * stride_ob + h * stride_oh, acc / l_safe[:, None], rows, stride_ot, T_Q, dims, stride_od, HEAD_DIM
+    )
+    tl.store(LSE + bh * T_Q + rows, m_i + tl.log2(l_safe), mask=rows < T_Q)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DO, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    n_heads, T_Q, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T_Q, dims, stride_od, HEAD_DIM)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
+    tl.store(DELTA + bh * T_Q + rows, tl.sum(o * do, 1), mask=rows < T_Q)
+
+
+@triton.autotune(configs=_configs(), key=["T_Q", "BLOCK_D", "CAUSAL"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    n_kv_heads, group_size, T_Q, T_K, HEAD_DIM, sm_scale, qk_scale, window,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, kv_h = bh // n_kv_heads, bh % n_kv_heads
+    offset = T_K - T_Q
+    keys = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+
+    k = _load_tile(K + b * stride_kb + kv_h * stride_kh, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
+    v = _load_tile(V + b * stride_vb + kv_h * stride_vh, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo, hi = _query_range(start_n * BLOCK_N, offset, T_Q, window, CAUSAL, BLOCK_M, BLOCK_N)
+    # This program owns its K/V block and sums over every query head of its GQA group in a fixed order:
+    # no atomics, so gradients are bitwise reproducible. Rows past T_Q load q = dO = 0 and add nothing.
+    for g in range(group_size):
+        h = kv_h * group_size + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * n_kv_heads * group_size + h) * T_Q
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = _load_tile(q_base, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
+            do = _load_tile(do_base, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
+            lse = tl.load(LSE + row_base + rows, mask=rows < T_Q, other=0.0)
+            delta = tl.load(DELTA + row_base + rows, mask=rows < T_Q, other=0.0)
+            # Work transposed ([keys, queries]) so that dK and dV accumulate without transposing P.
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            qk_t = tl.where(_visible(rows[None, :] + offset, keys[:, None], T_K, window, CAUSAL), qk_t, float("-inf"))
+            p_t = tl.exp2(qk_t - lse[None, :])
+            dv = tl.dot(p_t, do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+
+    _store_tile(
+        DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, keys, stride_dkt, T_K, dims, stride_dkd, HEAD_DIM
+    )
+    _store_tile(DV + b * stride_dvb + kv_h * stride_dvh, dv, keys, stride_dvt, T_K, dims, stride_dvd, HEAD_DIM)
+
+
+@triton.autotune(configs=_configs(), key=["T_Q", "BLOCK_D", "CAUSAL"])
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    n_heads, group_size, T_Q, T_K, HEAD_DIM, sm_scale, qk_scale, window,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    kv_h = h // group_size
+    offset = T_K - T_Q
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
+    lse = tl.load(LSE + bh * T_Q + rows, mask=rows < T_Q, other=0.0)
+    delta = tl.load(DELTA + bh * T_Q + rows, mask=rows < T_Q, other=0.0)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + cols
+        k = _load_tile(k_base, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
+        v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
+        p = tl.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, rows, stride_dqt, T_Q, dims, stride_dqd, HEAD_DIM)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or 0 in t.shape:
+            raise ValueError(
+                f"{name} must be a non-empty 4-D tensor [batch, heads, seq, head_dim], got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name}.dtype={t.dtype} is not supported; cast q, k, v to one of {_DTYPES}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to the same dtype"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with .to()")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"q is on {q.device}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k{tuple(k.shape)} and v{tuple(v.shape)}")
+    (batch, n_heads, q_len, head_dim), (kv_batch, n_kv_heads, kv_len, kv_head_dim) = q.shape, k.shape
+    if kv_batch != batch:
+        raise ValueError(f"k/v batch size {kv_batch} differs from q batch size {batch}; pass matching batches")
+    if kv_head_dim != head_dim:
+        raise ValueError(f"k/v head_dim {kv_head_dim} differs from q head_dim {head_dim}; project them to one head_dim")
+    if n_heads % n_kv_heads:
+        raise ValueError(
+            f"q has {n_heads} heads, not a multiple of the {n_kv_heads} k/v heads; use a divisor of {n_heads}"
+        )
+    if q_len > kv_len:
+        raise ValueError(
+            f"q length {q_len} exceeds k/v length {kv_len}; queries align to the last keys, so pass >= {q_len} keys"
+        )
+    if not 16 <= head_dim <= 256 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} is not supported; use an even head_dim between 16 and 256")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1; use window=None for no sliding window")
+
+
+def _softmax_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _kernel_args(q: torch.Tensor, kv_len: int, causal: bool, scale: float | None, window: int | None) -> dict:
+    """Scalar and constexpr arguments shared by the forward and backward launches."""
+    head_dim = q.shape[-1]
+    return {
+        "qk_scale": _softmax_scale(q, scale) * _LOG2E,  # scores go straight to base 2
+        "window": kv_len if window is None else window,  # no window == one as wide as the keys
+        "HEAD_DIM": head_dim,
+        "CAUSAL": causal,
+        # Half inputs are exact in tf32; fp32 inputs keep full precision.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+    }
+
+
+def _attention_forward(q, k, v, causal, scale, window, out=None):
+    """Launch the forward kernel; returns (out, lse) with lse in base 2."""
+    _check_inputs(q, k, v, window)
+    batch, n_heads, q_len, _ = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must match q: got {tuple(out.shape)} {out.dtype} {out.device}, want {tuple(q.shape)} {q.dtype} {q.device}"
+        )
+    lse = torch.empty(batch, n_heads, q_len, dtype=torch.float32, device=q.device)
+    args = _kernel_args(q, kv_len, causal, scale, window)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        n_heads, n_heads // n_kv_heads, q_len, kv_len, **args,
+    )  # fmt: skip
+    return out, lse
+
+
+def _attention_backward(do, q, k, v, out, lse, causal, scale, window):
+    """Launch the three backward kernels; returns (dq, dk, dv) in the input dtype."""
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    args = _kernel_args(q, kv_len, causal, scale, window)
+    sm_scale = _softmax_scale(q, scale)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    delta = torch.empty_like(lse)
+    block_m = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(q_len, block_m), batch * n_heads)](
+        out, do, delta, *out.stride(), *do.stride(), n_heads, q_len, head_dim,
+        BLOCK_M=block_m, BLOCK_D=args["BLOCK_D"],
+    )  # fmt: skip
+
+    grid_kv = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * n_kv_heads)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, dk, dv, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        n_kv_heads, n_heads // n_kv_heads, q_len, kv_len, sm_scale=sm_scale, **args,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, do, dq, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        n_heads, n_heads // n_kv_heads, q_len, kv_len, sm_scale=sm_scale, **args,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, out and the base-2 LSE; backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, window):
+        out, lse = _attention_forward(q, k, v, causal, scale, window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.window = causal, scale, window
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        dq, dk, dv = _attention_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.window)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q [B, Hq, Tq, D] and k, v [B, Hkv, Tk, D]; differentiable.
+
+    Query i sits at position i + Tk - Tq; query head h reads K/V head h // (Hq // Hkv).
+    """
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, window)
+
+
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only, no autograd: returns (out, lse), lse the natural-log log-sum-exp, fp32 [B, Hq, Tq].
+
+    `out`, if given, is a buffer shaped and typed like q that receives the output.
+    """
+    out, lse = _attention_forward(q, k, v, causal, scale, window, out)
+    return out, lse * _LN2

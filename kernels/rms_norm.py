@@ -1,0 +1,161 @@
+"""RMSNorm in Triton, optionally fused with the residual add before it: forward, backward and autograd wrapper."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_BLOCK = 65536  # one row lives in registers; wider rows would spill
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, S, RSTD,
+    x_row_stride, r_row_stride, y_row_stride, s_row_stride,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program per row: s = x (+ residual), y = w * s * rstd, rstd = 1 / sqrt(mean(s^2) + eps)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s = (x + tl.load(R + row * r_row_stride + cols, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + row * s_row_stride + cols, s, mask=mask)
+        # Normalise the rounded sum that is returned, so y is exactly the norm of s (as in the torch path).
+        x = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * y_row_stride + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, DS, X, W, RSTD, DX, DW_PARTIAL,
+    dy_row_stride, ds_row_stride, x_row_stride, dx_row_stride,
+    n_rows, n_cols, rows_per_program,
+    HAS_DS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Each program walks a contiguous chunk of rows, writing dx per row and its own partial sum of dw."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 so row * stride cannot overflow
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        x_hat = x * rstd
+        g = dy * w
+        # d/dx of w * x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)).
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+        if HAS_DS:
+            dx += tl.load(DS + row * ds_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def _launch_settings(n_cols: int) -> tuple[int, int]:
+    """BLOCK (next power of two of the row length) and num_warps for it."""
+    block = triton.next_power_of_2(n_cols)
+    if block > _MAX_BLOCK:
+        raise ValueError(f"rms_norm: hidden size {n_cols} exceeds the fused limit {_MAX_BLOCK}; use backend='torch'")
+    return block, 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View t as [rows, hidden]; copies only when the hidden dim itself is strided or the view is impossible."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _n_programs(device: torch.device, n_rows: int) -> int:
+    """Backward programs: one per SM on a GPU (each keeps a dw partial), a handful in the interpreter."""
+    n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(n, n_rows))
+
+
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x, residual: [rows, hidden]. Returns y, s (None without residual) and rstd [rows] in fp32."""
+    n_rows, n_cols = x.shape
+    block, num_warps = _launch_settings(n_cols)
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y) if residual is not None else None
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x, residual, weight, y, s, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0) if s is not None else 0,
+        n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return y, s, rstd
+
+
+def _backward(
+    dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All [rows, hidden] but weight and rstd. Returns dx (including ds) and dweight, reduced in two fixed stages."""
+    n_rows, n_cols = x.shape
+    block, num_warps = _launch_settings(n_cols)
+    n_programs = _n_programs(x.device, n_rows)
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy, ds, x, weight, rstd, dx, dw_partial,
+        dy.stride(0), ds.stride(0) if ds is not None else 0, x.stride(0), dx.stride(0),
+        n_rows, n_cols, triton.cdiv(n_rows, n_programs),
+        HAS_DS=ds is not None, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float):
+        weight = weight.contiguous()
+        y, s, rstd = _forward(_rows(x), weight, None if residual is None else _rows(residual), eps)
+        y = y.view(x.shape)
+        ctx.has_residual = residual is not None
+        if residual is None:
+            ctx.save_for_backward(x, weight, rstd)
+            return y
+        s = s.view(x.shape)
+        ctx.save_for_backward(s, weight, rstd)  # the norm's input is s; saving an output costs no memory
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, ds: torch.Tensor | None = None):
+        normed_input, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(_rows(dy), None if ds is None else _rows(ds), _rows(normed_input), weight, rstd)
+        dx = dx.view(normed_input.shape)
+        # With a residual, s = x + residual, so x and residual receive the same gradient (as torch's add does).
+        return dx, dw, (dx if ctx.has_residual else None), None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """weight * s / sqrt(mean(s^2) + eps) over the last dim, s = x (+ residual); fp32 math, output in x's dtype.
+
+    Returns y, or (y, s) when `residual` is given.
+    """
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"rms_norm: x.dtype={x.dtype} is not supported; cast x to float32, float16 or bfloat16")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight.shape={tuple(weight.shape)} must be ({x.shape[-1]},), x's last dim")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}; "
+            "cast or broadcast it first"
+        )
+    return _RMSNorm.apply(x, weight, residual, eps)

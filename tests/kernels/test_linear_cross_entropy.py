@@ -1,0 +1,273 @@
+"""Fused linear cross-entropy (Triton kernel and both PyTorch paths) against an independent float64 reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minigrok.functional as mf
+from minigrok.kernels import linear_cross_entropy as lce_module
+from minigrok.kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
+
+IGNORE = -100
+FP32_TOL = 1e-5
+
+# (vocab, hidden, rows, chunk_rows): rows never a multiple of chunk_rows, vocab never a multiple of the kernel block.
+SHAPES = [(65, 48, 130, 32), (1000, 80, 130, 32), (8192, 256, 70, 16)]
+SMOOTHING_ZLOSS = [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-4), (0.1, 1e-4)]
+
+
+def make_inputs(
+    n: int, d: int, vocab: int, seed: int, ignore_index: int = IGNORE, logit_scale: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 hidden [n, d], weight [vocab, d] with logits of std ~logit_scale, targets with ~1/5 of rows ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen)
+    weight = torch.randn(vocab, d, generator=gen) * (logit_scale / d**0.5)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < 0.2] = ignore_index
+    return hidden, weight, targets
+
+
+def reference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = IGNORE,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """float64 mean over non-ignored rows of (1-eps) * nll + eps * mean_v(-log p_v) + z_loss * lse^2."""
+    logits = hidden.double() @ weight.double().T
+    log_probs = logits.log_softmax(-1)
+    valid = targets != ignore_index
+    nll = -log_probs.gather(1, targets.masked_fill(~valid, 0)[:, None])[:, 0]
+    per_row = (1 - label_smoothing) * nll + label_smoothing * -log_probs.mean(-1) + z_loss * logits.logsumexp(-1) ** 2
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def loss_and_grads(fn: Callable[..., torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor, *args, **kwargs):
+    """Run fn on fresh leaf copies of hidden and weight; return (loss, grad_hidden, grad_weight)."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = fn(h, w, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def max_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    return (value.double() - ref).abs().max().item()
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    return max_err(value, ref) / ref.abs().max().item()
+
+
+def naive_loss(hidden, weight, targets, ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0) -> torch.Tensor:
+    """PyTorch's unfused path in the inputs' dtype: full logits, F.cross_entropy on their fp32 copy."""
+    logits = (hidden @ weight.T).float()
+    losses = F.cross_entropy(
+        logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
+    valid = targets != ignore_index
+    losses = losses + z_loss * logits.logsumexp(-1) ** 2 * valid
+    return losses.sum() / valid.sum().clamp(min=1)
+
+
+def assert_no_worse_than_naive(ours, naive, ref) -> None:
+    """Each of (loss, grad_hidden, grad_weight) at most 2x as far from the float64 reference as the naive path's."""
+    for name, value, naive_value, ref_value in zip(
+        ("loss", "grad_hidden", "grad_weight"), ours, naive, ref, strict=True
+    ):
+        assert torch.isfinite(value).all(), name
+        # Both losses are fp32 reductions; differences below fp32 noise (FP32_TOL relative) are not the kernel's doing.
+        floor = FP32_TOL * ref_value.abs().item() if name == "loss" else 0.0
+        assert max_err(value, ref_value) <= 2 * max_err(naive_value, ref_value) + floor, name
+
+
+IMPLS = {
+    "kernel": lambda h, w, t, chunk_rows, **kw: linear_cross_entropy(h, w, t, chunk_rows=chunk_rows, **kw),
+    "functional_triton": lambda h, w, t, chunk_rows, **kw: mf.linear_cross_entropy(h, w, t, backend="triton", **kw),
+    "functional_torch": lambda h, w, t, chunk_rows, **kw: mf.linear_cross_entropy(
+        h, w, t, chunk_rows=chunk_rows, backend="torch", **kw
+    ),
+    "cross_entropy": lambda h, w, t, chunk_rows, **kw: mf.cross_entropy(h @ w.T, t, **kw),
+}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("label_smoothing, z_loss", SMOOTHING_ZLOSS)
+@pytest.mark.parametrize("vocab, d, n, chunk_rows", SHAPES)
+def test_fp32_matches_float64_reference(impl, vocab, d, n, chunk_rows, label_smoothing, z_loss):
+    hidden, weight, targets = make_inputs(n, d, vocab, seed=vocab + d)
+    opts = dict(ignore_index=IGNORE, label_smoothing=label_smoothing, z_loss=z_loss)
+    loss, grad_h, grad_w = loss_and_grads(IMPLS[impl], hidden, weight, targets, chunk_rows, **opts)
+    ref_loss, ref_h, ref_w = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert rel_err(loss, ref_loss) < FP32_TOL
+    assert rel_err(grad_h, ref_h) < FP32_TOL
+    assert rel_err(grad_w, ref_w) < FP32_TOL
+
+
+def test_large_logits_are_stable():
+    """Logits in the hundreds overflow a plain exp in fp32; the online max must keep the kernel finite and accurate.
+
+    At this scale fp32 rounding of the logits alone moves the softmax by ~1e-5, so the bar is PyTorch's own fp32 path.
+    """
+    hidden, weight, targets = make_inputs(50, 64, 1000, seed=1, logit_scale=150.0)
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=16, z_loss=1e-4)
+    naive = loss_and_grads(naive_loss, hidden, weight, targets, z_loss=1e-4)
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, z_loss=1e-4)
+    assert_no_worse_than_naive(ours, naive, ref)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "functional_torch"])
+def test_ignored_rows_contribute_nothing(impl):
+    hidden, weight, targets = make_inputs(130, 48, 1000, seed=2, ignore_index=0)
+    ignored = targets == 0
+    assert 0 < ignored.sum() < len(targets)
+    opts = dict(ignore_index=0, label_smoothing=0.1, z_loss=1e-4)
+    loss, grad_h, grad_w = loss_and_grads(IMPLS[impl], hidden, weight, targets, 32, **opts)
+    moved = hidden.clone()
+    moved[ignored] = 10 * torch.randn(int(ignored.sum()), 48)
+    loss2, grad_h2, grad_w2 = loss_and_grads(IMPLS[impl], moved, weight, targets, 32, **opts)
+    assert torch.equal(grad_h[ignored], torch.zeros_like(grad_h[ignored]))
+    torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_h2, grad_h, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad_w2, grad_w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "functional_torch", "cross_entropy"])
+def test_all_ignored_gives_zero_loss_and_grads(impl):
+    hidden, weight, _ = make_inputs(40, 48, 65, seed=3)
+    targets = torch.full((40,), IGNORE)
+    loss, grad_h, grad_w = loss_and_grads(IMPLS[impl], hidden, weight, targets, 16, label_smoothing=0.1, z_loss=1e-4)
+    assert loss.item() == 0.0
+    assert torch.equal(grad_h, torch.zeros_like(grad_h))
+    assert torch.equal(grad_w, torch.zeros_like(grad_w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 1e-4)])
+@pytest.mark.parametrize("vocab, d, n, chunk_rows", SHAPES[1:])
+def test_low_precision_no_worse_than_naive_torch(dtype, vocab, d, n, chunk_rows, label_smoothing, z_loss):
+    hidden, weight, targets = make_inputs(n, d, vocab, seed=4)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    opts = dict(ignore_index=IGNORE, label_smoothing=label_smoothing, z_loss=z_loss)
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=chunk_rows, **opts)
+    naive = loss_and_grads(naive_loss, hidden, weight, targets, **opts)
+    # The reference sees the same rounded inputs, so only the computation's rounding is measured.
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
+    assert_no_worse_than_naive(ours, naive, ref)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "functional_torch"])
+def test_tied_embedding_weight_accumulates(impl):
+    vocab, d, n = 1000, 48, 70
+    hidden_unused, weight, targets = make_inputs(n, d, vocab, seed=5)
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(6))
+    proj = torch.randn(d, d, generator=torch.Generator().manual_seed(7)) / d**0.5
+
+    def model_loss(embedding_weight: torch.Tensor, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        hidden = torch.tanh(F.embedding(ids, embedding_weight) @ proj.to(embedding_weight.dtype)) * 3
+        return fn(hidden, embedding_weight, targets, label_smoothing=0.1)
+
+    embedding = torch.nn.Embedding(vocab, d)
+    with torch.no_grad():
+        embedding.weight.copy_(weight)
+    loss = model_loss(embedding.weight, lambda h, w, t, **kw: IMPLS[impl](h, w, t, 16, **kw))
+    loss.backward()
+    ref_weight = weight.double().requires_grad_()
+    ref_loss = model_loss(ref_weight, reference_loss)
+    ref_loss.backward()
+    assert rel_err(loss.detach(), ref_loss.detach()) < FP32_TOL
+    assert rel_err(embedding.weight.grad, ref_weight.grad) < FP32_TOL
+
+
+def test_backward_scales_by_incoming_gradient():
+    hidden, weight, targets = make_inputs(70, 48, 65, seed=8)
+    _, grad_h, grad_w = loss_and_grads(
+        lambda h, w, t: 2.5 * linear_cross_entropy(h, w, t, chunk_rows=16), hidden, weight, targets
+    )
+    _, ref_h, ref_w = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets)
+    assert rel_err(grad_h, 2.5 * ref_h) < FP32_TOL
+    assert rel_err(grad_w, 2.5 * ref_w) < FP32_TOL
+
+
+def test_only_needed_grads_are_computed(monkeypatch):
+    calls = []
+    real = lce_module._loss_and_grads
+
+    def spy(*args):
+        calls.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(lce_module, "_loss_and_grads", spy)
+    hidden, weight, targets = make_inputs(40, 48, 65, seed=9)
+    ref_loss, ref_h, ref_w = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets)
+
+    h = hidden.clone().requires_grad_()
+    linear_cross_entropy(h, weight, targets).backward()
+    assert calls.pop() == (True, False) and rel_err(h.grad, ref_h) < FP32_TOL
+
+    w = weight.clone().requires_grad_()
+    linear_cross_entropy(hidden, w, targets).backward()
+    assert calls.pop() == (False, True) and rel_err(w.grad, ref_w) < FP32_TOL
+
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden.requires_grad_(), w, targets)
+    assert calls.pop() == (False, False) and not loss.requires_grad
+    assert rel_err(loss, ref_loss) < FP32_TOL
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda h, w, t: (h[None], w, t), "hidden"),
+        (lambda h, w, t: (h, w[:, :-1], t), "weight"),
+        (lambda h, w, t: (h, w.double(), t), "dtype"),
+        (lambda h, w, t: (h, w, t.float()), "targets"),
+        (lambda h, w, t: (h, w, t[:-1]), "targets"),
+        (lambda h, w, t: (h, w, torch.where(t == IGNORE, 65, t)), "target id 65"),
+    ],
+)
+def test_bad_arguments_raise(change, match):
+    hidden, weight, targets = make_inputs(20, 48, 65, seed=10)
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(*change(hidden, weight, targets))
+
+
+def test_bad_options_raise():
+    hidden, weight, targets = make_inputs(20, 48, 65, seed=11)
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
+    with pytest.raises(ValueError, match="label_smoothing=1.5"):
+        linear_cross_entropy(hidden, weight, targets, label_smoothing=1.5)
+
+
+def test_default_chunk_rows_keeps_logits_near_32_mib():
+    rows = default_chunk_rows(100_000, 50_257)
+    assert rows * 50_257 * 4 <= 32 << 20 < (rows + 1) * 50_257 * 4
+    assert default_chunk_rows(10, 1000) == 16
+    assert default_chunk_rows(100_000, 4_000_000) == 16
+    assert default_chunk_rows(500, 1000) == 500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab, d, n", [(4099, 128, 600), (32000, 256, 300)])
+def test_sweep_larger_vocab_default_chunks(dtype, vocab, d, n):
+    hidden, weight, targets = make_inputs(n, d, vocab, seed=12)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    opts = dict(label_smoothing=0.1, z_loss=1e-4)
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, **opts)
+    naive = loss_and_grads(naive_loss, hidden, weight, targets, **opts)
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    if dtype == torch.float32:
+        assert all(rel_err(value, ref_value) < FP32_TOL for value, ref_value in zip(ours, ref, strict=True))
+    else:
+        assert_no_worse_than_naive(ours, naive, ref)

@@ -1,0 +1,159 @@
+"""Triton RMSNorm (optionally fused with the residual add) against an explicit float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from minigrok.kernels.rms_norm import rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+# The interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest: up to 1 ulp instead of 1/2 ulp.
+BF16_TRUNCATES = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None):
+    """RMSNorm written out in float64: y, or (y, s) with s = x + residual."""
+    s = x.double() if residual is None else x.double() + residual.double()
+    y = weight.double() * s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + EPS)
+    return y if residual is None else (y, s)
+
+
+def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor]):
+    """Outputs of fn(*inputs) and the gradients of all inputs when grads_out flow into the outputs."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads_in = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for o, g in zip(outs, grads_out, strict=True)])
+    return list(outs), list(grads_in)
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref).abs().max().item()
+
+
+def make_case(shape: tuple[int, ...], dtype: torch.dtype, with_residual: bool):
+    """Seeded random inputs and incoming gradients: (inputs, grads_out)."""
+    torch.manual_seed(0)
+    hidden = shape[-1]
+    inputs = [torch.randn(shape, device=DEVICE, dtype=dtype), torch.randn(hidden, device=DEVICE, dtype=dtype)]
+    grads_out = [torch.randn(shape, device=DEVICE, dtype=dtype)]
+    if with_residual:
+        inputs.append(torch.randn(shape, device=DEVICE, dtype=dtype))
+        grads_out.append(torch.randn(shape, device=DEVICE, dtype=dtype))
+    return inputs, grads_out
+
+
+def triton_fn(x, weight, residual=None):
+    return rms_norm(x, weight, EPS, residual)
+
+
+def allowed_error(dtype: torch.dtype, torch_err: float, ref: torch.Tensor) -> float:
+    """Twice PyTorch's own error (same op in the same dtype), plus one bf16 ulp of the largest value where the
+    interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), which can cost that much more."""
+    extra = 2**-7 * ref.abs().max().item() if dtype == torch.bfloat16 and BF16_TRUNCATES else 0.0
+    return 2 * torch_err + extra
+
+
+def assert_is_sum(s: torch.Tensor, x: torch.Tensor, residual: torch.Tensor) -> None:
+    if s.dtype == torch.bfloat16 and BF16_TRUNCATES:
+        torch.testing.assert_close(s, x + residual, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(s, x + residual)
+
+
+def check_outputs_finite(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        assert torch.isfinite(t).all(), "a NaN/inf survived: part of a (NaN-poisoned) buffer was not written"
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [48, 80, 256, 576, 960])
+@pytest.mark.parametrize("leading", [(1,), (7,), (2, 65)], ids=["rows1", "rows7", "rows130"])
+def test_fp32_matches_float64(leading, hidden, with_residual, poison_empty):
+    inputs, grads_out = make_case((*leading, hidden), torch.float32, with_residual)
+    outs, grads = forward_backward(triton_fn, inputs, grads_out)
+    ref_outs, ref_grads = forward_backward(reference, [t.double() for t in inputs], grads_out)
+    check_outputs_finite(outs + grads)
+    for got, ref in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert max_err(got, ref) / ref.abs().max().item() < 1e-5
+    if with_residual:
+        assert_is_sum(outs[1], inputs[0], inputs[2])
+        assert torch.equal(grads[0], grads[2])  # s = x + residual: both get d s
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [80, 960])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_torch_error(dtype, hidden, with_residual, poison_empty):
+    from minigrok.functional import rms_norm as functional_rms_norm
+
+    def torch_fn(x, weight, residual=None):
+        return functional_rms_norm(x, weight, EPS, residual, backend="torch")
+
+    inputs, grads_out = make_case((130, hidden), dtype, with_residual)
+    outs, grads = forward_backward(triton_fn, inputs, grads_out)
+    torch_outs, torch_grads = forward_backward(torch_fn, inputs, grads_out)
+    ref_outs, ref_grads = forward_backward(reference, [t.double() for t in inputs], grads_out)
+    check_outputs_finite(outs + grads)
+    for got, baseline, ref in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, strict=True):
+        assert got.dtype == dtype
+        assert max_err(got, ref) <= allowed_error(dtype, max_err(baseline, ref), ref)
+    if with_residual:
+        assert_is_sum(outs[1], inputs[0], inputs[2])
+
+
+def test_dweight_is_deterministic():
+    inputs, grads_out = make_case((130, 256), torch.float32, with_residual=True)
+    first = forward_backward(triton_fn, inputs, grads_out)[1][1]
+    second = forward_backward(triton_fn, inputs, grads_out)[1][1]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_matches_functional_torch_backend(with_residual):
+    from minigrok.functional import rms_norm as functional_rms_norm
+
+    inputs, grads_out = make_case((3, 5, 80), torch.float32, with_residual)
+    outs, grads = forward_backward(triton_fn, inputs, grads_out)
+    for backend in ("torch", "triton"):
+        torch_outs, torch_grads = forward_backward(
+            lambda x, w, r=None, backend=backend: functional_rms_norm(x, w, EPS, r, backend=backend), inputs, grads_out
+        )
+        for got, expected in zip(outs + grads, torch_outs + torch_grads, strict=True):
+            assert max_err(got, expected.double()) / expected.abs().max().item() < 1e-5
+
+
+def test_rejects_bad_arguments():
+    x = torch.randn(4, 80, device=DEVICE)
+    with pytest.raises(ValueError, match="weight.shape"):
+        rms_norm(x, torch.randn(48, device=DEVICE), EPS)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, torch.randn(80, device=DEVICE), EPS, torch.randn(4, 48, device=DEVICE))
+    with pytest.raises(ValueError, match="float64"):
+        rms_norm(x.double(), torch.randn(80, device=DEVICE, dtype=torch.float64), EPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large(dtype, hidden, with_residual, poison_empty):
+    from minigrok.functional import rms_norm as functional_rms_norm
+
+    inputs, grads_out = make_case((4, 257, hidden), dtype, with_residual)
+    outs, grads = forward_backward(triton_fn, inputs, grads_out)
+    ref_outs, ref_grads = forward_backward(reference, [t.double() for t in inputs], grads_out)
+    check_outputs_finite(outs + grads)
+    if dtype == torch.float32:
+        for got, ref in zip(outs + grads, ref_outs + ref_grads, strict=True):
+            assert max_err(got, ref) / ref.abs().max().item() < 1e-5
+    else:
+        torch_fn = lambda x, w, r=None: functional_rms_norm(x, w, EPS, r, backend="torch")  # noqa: E731
+        torch_outs, torch_grads = forward_backward(torch_fn, inputs, grads_out)
+        for got, baseline, ref in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, strict=True):
+            assert max_err(got, ref) <= allowed_error(dtype, max_err(baseline, ref), ref)

@@ -1,0 +1,129 @@
+"""Triton SwiGLU against an explicit float64 reference, for flat, batched and column-sliced (fused) inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from minigrok.kernels.swiglu import swiglu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest: up to 1 ulp instead of 1/2 ulp.
+BF16_TRUNCATES = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up written out in float64."""
+    gate, up = gate.double(), up.double()
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def make_gate_up(shape: tuple[int, ...], dtype: torch.dtype, fused: bool = False):
+    """Seeded random gate, up and incoming gradient; `fused` slices gate/up as the two halves of one projection."""
+    torch.manual_seed(0)
+    if fused:
+        gate, up = (3 * torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE, dtype=dtype)).chunk(2, dim=-1)
+    else:
+        gate, up = (3 * torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(2))
+    return gate, up, torch.randn(shape, device=DEVICE, dtype=dtype)
+
+
+def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor]):
+    """Outputs of fn(*inputs) and the gradients of all inputs when grads_out flow into the outputs."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads_in = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for o, g in zip(outs, grads_out, strict=True)])
+    return list(outs), list(grads_in)
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref).abs().max().item()
+
+
+def allowed_error(dtype: torch.dtype, torch_err: float, ref: torch.Tensor) -> float:
+    """Twice PyTorch's own error (same op in the same dtype), plus one bf16 ulp of the largest value where the
+    interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), which can cost that much more."""
+    extra = 2**-7 * ref.abs().max().item() if dtype == torch.bfloat16 and BF16_TRUNCATES else 0.0
+    return 2 * torch_err + extra
+
+
+def check_outputs_finite(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        assert torch.isfinite(t).all(), "a NaN/inf survived: part of a (NaN-poisoned) buffer was not written"
+
+
+SHAPES = [(1, 48), (7, 80), (2, 65, 256), (3, 2100), (1000,)]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_fp32_matches_float64(shape, fused, poison_empty):
+    gate, up, dout = make_gate_up(shape, torch.float32, fused)
+    outs, grads = forward_backward(swiglu, [gate, up], [dout])
+    ref_outs, ref_grads = forward_backward(reference, [gate.double(), up.double()], [dout])
+    check_outputs_finite(outs + grads)
+    for got, ref in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert max_err(got, ref) / ref.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(7, 80), (3, 2100)], ids=["7x80", "3x2100"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_torch_error(dtype, shape, poison_empty):
+    from minigrok.functional import swiglu as functional_swiglu
+
+    gate, up, dout = make_gate_up(shape, dtype)
+    outs, grads = forward_backward(swiglu, [gate, up], [dout])
+    torch_outs, torch_grads = forward_backward(
+        lambda g, u: functional_swiglu(g, u, backend="torch"), [gate, up], [dout]
+    )
+    ref_outs, ref_grads = forward_backward(reference, [gate.double(), up.double()], [dout])
+    check_outputs_finite(outs + grads)
+    for got, baseline, ref in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, strict=True):
+        assert got.dtype == dtype
+        assert max_err(got, ref) <= allowed_error(dtype, max_err(baseline, ref), ref)
+
+
+def test_matches_functional_torch_backend():
+    from minigrok.functional import swiglu as functional_swiglu
+
+    gate, up, dout = make_gate_up((2, 5, 80), torch.float32)
+    outs, grads = forward_backward(swiglu, [gate, up], [dout])
+    for backend in ("torch", "triton"):
+        fn = lambda g, u, backend=backend: functional_swiglu(g, u, backend=backend)  # noqa: E731
+        torch_outs, torch_grads = forward_backward(fn, [gate, up], [dout])
+        for got, expected in zip(outs + grads, torch_outs + torch_grads, strict=True):
+            assert max_err(got, expected.double()) / expected.abs().max().item() < 1e-5
+
+
+def test_rejects_bad_arguments():
+    gate = torch.randn(4, 80, device=DEVICE)
+    with pytest.raises(ValueError, match="share shape"):
+        swiglu(gate, torch.randn(4, 48, device=DEVICE))
+    with pytest.raises(ValueError, match="share shape"):
+        swiglu(gate, gate.half())
+    with pytest.raises(ValueError, match="float64"):
+        swiglu(gate.double(), gate.double())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large(dtype, fused, poison_empty):
+    from minigrok.functional import swiglu as functional_swiglu
+
+    gate, up, dout = make_gate_up((4, 129, 2816), dtype, fused)
+    outs, grads = forward_backward(swiglu, [gate, up], [dout])
+    torch_outs, torch_grads = forward_backward(
+        lambda g, u: functional_swiglu(g, u, backend="torch"), [gate, up], [dout]
+    )
+    ref_outs, ref_grads = forward_backward(reference, [gate.double(), up.double()], [dout])
+    check_outputs_finite(outs + grads)
+    for got, baseline, ref in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, strict=True):
+        if dtype == torch.float32:
+            assert max_err(got, ref) / ref.abs().max().item() < 1e-5
+        else:
+            assert max_err(got, ref) <= allowed_error(dtype, max_err(baseline, ref), ref)

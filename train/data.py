@@ -1,0 +1,403 @@
+"""From text files to the token files the trainer reads (train.bin, val.bin, meta.json) and batches drawn from them.
+
+The built-in corpus is the running interpreter's standard library sources, read where they are installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minigrok.checkpoint import atomic_write, write_json
+
+from .tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+META_NAME = "meta.json"
+META_FORMAT = 1
+SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+_BATCH_CHARS = 1 << 20  # text per encode_batch call: large enough for the tokenizers thread pool, small in memory
+
+
+class DataError(ValueError):
+    """A corpus, split or token file the pipeline cannot use; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One corpus file: plain text is one document; .jsonl gives the "text" field of each line."""
+
+    path: Path
+
+    def documents(self) -> Iterator[str]:
+        if self.path.suffix == ".jsonl":
+            yield from _jsonl_texts(self.path)
+        else:
+            with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+                yield f.read()
+
+    def stat_key(self) -> list:
+        stat = self.path.stat()
+        return [str(self.path), stat.st_size, stat.st_mtime_ns]
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({error}): fix or remove the line") from error
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(
+                    f'{path}:{lineno} has no string "text" field: each line must be an object like {{"text": "..."}}'
+                )
+            yield record["text"]
+
+
+def builtin_corpus_files() -> list[Path]:
+    """The standard library's .py files, without site-packages/dist-packages and test/tests/idle_test directories.
+
+    Sorted by path relative to the standard library, so the order is the same on every machine.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_STDLIB_DIRS]
+        files += [Path(dirpath, name) for name in filenames if name.endswith(".py")]
+    if not files:
+        raise FileNotFoundError(f"no standard library sources under {root}: give training data paths instead")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def split_by_hash(
+    files: Sequence[str | Path], val_fraction: float = 0.05, root: str | Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """Split files into (train, val) by the sha256 of each path relative to `root` (default: their common directory).
+
+    A file goes to val when its hash, read as a fraction of 2**64, is below val_fraction; with two or more files,
+    each side keeps at least one (the lowest hashes go to val). Both lists keep the input order.
+    """
+    _check_fraction(val_fraction)
+    paths = [Path(os.path.abspath(f)) for f in files]
+    if not paths:
+        return [], []
+    if root is None:
+        root = os.path.commonpath([p.parent for p in paths])
+    root = os.path.abspath(root)
+    unit = {p: _hash_unit(Path(os.path.relpath(p, root)).as_posix()) for p in paths}
+    by_hash = sorted(paths, key=lambda p: unit[p])
+    n_val = sum(u < val_fraction for u in unit.values())
+    if len(paths) >= 2:
+        n_val = min(max(n_val, 1), len(paths) - 1)
+    val = set(by_hash[:n_val])
+    return [p for p in paths if p not in val], [p for p in paths if p in val]
+
+
+def _hash_unit(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction!r} must be between 0 and 1 (exclusive), e.g. 0.05")
+
+
+def discover_corpus(paths: list[str]) -> list[Source]:
+    """Sources for files, directories and shell globs, in the order given; a file reached twice is kept once.
+
+    A directory contributes its files recursively, sorted, skipping hidden entries and binary files (a NUL byte in
+    the first 8 KiB). Files named directly or matched by a glob are read as given.
+    """
+    found: dict[Path, None] = {}
+    for spec in paths:
+        if any(c in spec for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
+            if not matches:
+                raise FileNotFoundError(f"no files match the corpus pattern {spec!r}: check the pattern")
+        else:
+            matches = [Path(spec)]
+            if not matches[0].exists():
+                raise FileNotFoundError(f"corpus path {spec!r} does not exist: give a file, a directory or a glob")
+        files = [f for m in matches for f in ([m] if m.is_file() else _text_files_under(m))]
+        if not files:
+            raise FileNotFoundError(f"corpus path {spec!r} holds no text files: give files with text in them")
+        found.update(dict.fromkeys(f.resolve() for f in files))
+    return [Source(path) for path in found]
+
+
+def _text_files_under(directory: Path) -> list[Path]:
+    files = []
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts) and not _is_binary(path):
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+@dataclass(frozen=True)
+class CorpusSplit:
+    """The documents of one split: whole sources ("all"), or the "head" or "tail" of a single source."""
+
+    sources: tuple[Source, ...]
+    part: str = "all"
+    val_fraction: float = 0.0
+
+    def documents(self) -> Iterator[str]:
+        if self.part == "all":
+            for source in self.sources:
+                yield from source.documents()
+        else:
+            head, tail = _split_tail(self.sources[0], self.val_fraction)
+            yield from tail if self.part == "tail" else head
+
+    def fingerprint(self) -> str:
+        """sha256 of what this split reads: each file's path, size and mtime_ns, and the part taken."""
+        payload = {"part": self.part, "val_fraction": self.val_fraction, "files": [s.stat_key() for s in self.sources]}
+        return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()
+
+
+def _split_tail(source: Source, val_fraction: float) -> tuple[list[str], list[str]]:
+    """(head, tail) documents of one file: the tail is its last val_fraction of text, cut at a line boundary.
+
+    In a .jsonl file each line is a document, so the cut falls between documents.
+    """
+    if source.path.suffix == ".jsonl":
+        documents = list(source.documents())
+        start = _tail_start(documents, val_fraction)
+        return documents[:start], documents[start:]
+    lines = next(source.documents()).splitlines(keepends=True)
+    start = _tail_start(lines, val_fraction)
+    return ["".join(lines[:start])], ["".join(lines[start:])]
+
+
+def _tail_start(pieces: list[str], val_fraction: float) -> int:
+    """Index where the tail starts: the fewest last pieces (at least one, never all) holding val_fraction of the text."""
+    target = val_fraction * sum(len(piece) for piece in pieces)
+    start, held = len(pieces), 0
+    while start > 1 and (held == 0 or held < target):
+        start -= 1
+        held += len(pieces[start])
+    return start
+
+
+def split_corpus(
+    train_paths: list[str] | None, val_paths: list[str] | None = None, val_fraction: float = 0.05
+) -> dict[str, CorpusSplit]:
+    """{"train": ..., "val": ...} for a corpus (None = the built-in one), as prepare_data encodes them.
+
+    val_paths, when given, are the validation corpus; else a single file holds out its tail and several files are
+    split by split_by_hash.
+    """
+    _check_fraction(val_fraction)
+    if train_paths is None:
+        root = sysconfig.get_paths()["stdlib"]
+        sources = [Source(path) for path in builtin_corpus_files()]
+    else:
+        root = None
+        sources = discover_corpus(train_paths)
+    if val_paths:
+        val = discover_corpus(val_paths)
+        shared = sorted(str(s.path) for s in set(sources) & set(val))
+        if shared:
+            raise DataError(f"{shared[0]} is in both the training and the validation corpus: remove it from one")
+        return {"train": CorpusSplit(tuple(sources)), "val": CorpusSplit(tuple(val))}
+    if len(sources) == 1:
+        return {
+            "train": CorpusSplit(tuple(sources), "head", val_fraction),
+            "val": CorpusSplit(tuple(sources), "tail", val_fraction),
+        }
+    train, val = split_by_hash([s.path for s in sources], val_fraction, root)
+    return {"train": CorpusSplit(tuple(map(Source, train))), "val": CorpusSplit(tuple(map(Source, val)))}
+
+
+@dataclass
+class DataInfo:
+    """Where prepare_data put the token files, their dtype, and meta.json's content."""
+
+    train_path: Path
+    val_path: Path
+    dtype: str
+    meta: dict
+
+    def path(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}: choose one of {SPLITS}")
+        return self.train_path if split == "train" else self.val_path
+
+    def bytes_per_token(self, split: str) -> float:
+        """UTF-8 bytes of text per token in `split`: turns a loss in nats/token into bits/byte."""
+        self.path(split)  # rejects an unknown split name
+        stats = self.meta["splits"][split]
+        return stats["n_bytes"] / stats["n_tokens"]
+
+    def sampler(self, split: str, batch_size: int, seq_len: int, seed: int) -> BatchSampler:
+        return BatchSampler(self.path(split), self.dtype, batch_size, seq_len, seed)
+
+
+def prepare_data(
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    train_paths: list[str] | None,
+    val_paths: list[str] | None = None,
+    val_fraction: float = 0.05,
+) -> DataInfo:
+    """Encode the corpus (None = built-in) into out_dir/train.bin and val.bin plus meta.json; reuse fresh files.
+
+    Each .bin is one flat array of token ids, documents joined by eos_id (empty documents are skipped), uint16 when
+    the tokenizer has at most 65536 ids, else uint32. A split is re-encoded when the tokenizer, the files it reads
+    (path, size, mtime) or the split rule changed, or its .bin is missing or the wrong size.
+    """
+    out_dir = Path(out_dir)
+    splits = split_corpus(train_paths, val_paths, val_fraction)
+    for name, split in splits.items():
+        if not split.sources:
+            raise DataError(f"{_split_word(name)} split is empty: give --val-data or more files")
+    dtype = token_dtype(tokenizer)
+    tokenizer_meta = {
+        "fingerprint": tokenizer.fingerprint(),
+        "kind": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    meta = {"format": META_FORMAT, "tokenizer": tokenizer_meta, "dtype": dtype.name, "splits": {}}
+    old = _read_meta(out_dir / META_NAME)
+    same_encoding = all(old.get(key) == meta[key] for key in ("format", "tokenizer", "dtype"))
+    for name, split in splits.items():
+        path = out_dir / f"{name}.bin"
+        fingerprint = split.fingerprint()
+        stats = old.get("splits", {}).get(name, {}) if same_encoding else {}
+        fresh = (
+            stats.get("corpus_fingerprint") == fingerprint
+            and path.is_file()
+            and path.stat().st_size == stats.get("n_tokens", -1) * dtype.itemsize
+        )
+        if not fresh:
+            (out_dir / META_NAME).unlink(missing_ok=True)  # never let a stale meta.json vouch for a half-rebuilt set
+            stats = _encode_split(name, split, tokenizer, path, dtype) | {"corpus_fingerprint": fingerprint}
+        meta["splits"][name] = stats
+    if meta != old:
+        write_json(out_dir / META_NAME, meta)
+    return DataInfo(out_dir / "train.bin", out_dir / "val.bin", dtype.name, meta)
+
+
+def token_dtype(tokenizer: Tokenizer) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
+
+
+def encode_corpus(tokenizer: Tokenizer, paths: list[str] | None) -> tuple[np.ndarray, int]:
+    """Every document of `paths` (None = the built-in corpus' validation files) as one token array joined by eos,
+    and the UTF-8 bytes of their text; for scoring a model on a corpus."""
+    split = split_corpus(None)["val"] if paths is None else CorpusSplit(tuple(discover_corpus(paths)))
+    dtype = token_dtype(tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = _encode_split("val", split, tokenizer, Path(tmp) / "tokens.bin", dtype)
+        return np.fromfile(Path(tmp) / "tokens.bin", dtype=dtype), stats["n_bytes"]
+
+
+def _split_word(name: str) -> str:
+    return "training" if name == "train" else "validation"
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json's content, or {} when it is missing or unreadable (everything is then rebuilt)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _encode_split(name: str, split: CorpusSplit, tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
+    stats = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0}
+    separator = np.array([tokenizer.eos_id], dtype)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f, tqdm(desc=f"encoding {name}", unit="doc", disable=None) as bar:
+            for batch in _batches(split.documents()):
+                arrays = []
+                for ids in tokenizer.encode_batch(batch):
+                    if stats["n_documents"]:
+                        arrays.append(separator)
+                    arrays.append(np.asarray(ids, dtype))
+                    stats["n_documents"] += 1
+                tokens = np.concatenate(arrays)
+                tokens.tofile(f)
+                stats["n_tokens"] += len(tokens)
+                stats["n_bytes"] += sum(len(text.encode("utf-8")) for text in batch)
+                bar.update(len(batch))
+        if not stats["n_tokens"]:
+            raise DataError(f"{_split_word(name)} split is empty: give --val-data or more files")
+
+    atomic_write(path, write)
+    return stats
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    """Non-empty documents grouped into lists of about _BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for text in documents:
+        if not text:
+            continue
+        batch.append(text)
+        chars += len(text)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class BatchSampler:
+    """Random windows from a token file. batch(step, micro_step) depends only on (seed, step, micro_step),
+
+    so a resumed run, in any process, sees exactly the batches an uninterrupted run saw.
+    """
+
+    def __init__(self, path: str | Path, dtype: str | np.dtype, batch_size: int, seq_len: int, seed: int):
+        path, dtype = Path(path), np.dtype(dtype)
+        for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise DataError(f"{field}={value!r} must be a positive integer")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run prepare_data to build the token files")
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise DataError(
+                f"{path} has {size} bytes, not a whole number of {dtype.name} tokens: "
+                "the file is corrupt or the dtype wrong; delete it and run prepare_data again"
+            )
+        self.n_tokens = size // dtype.itemsize
+        if self.n_tokens < seq_len + 1:
+            raise DataError(
+                f"{path} has {self.n_tokens} tokens; need at least seq_len+1={seq_len + 1}: "
+                "lower train.seq_len or add data"
+            )
+        self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+
+    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [batch_size, seq_len]; targets are inputs shifted left by one token."""
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        starts = rng.integers(0, self.n_tokens - self.seq_len, size=self.batch_size)
+        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -1,0 +1,289 @@
+"""The training loop: AdamW with warmup + cosine/WSD, accumulation, clipping, mixed precision, eval, checkpoints.
+
+A run is reproducible to the bit: batches are a pure function of (seed, step), and a checkpoint holds everything
+else that changes (weights, optimizer moments, RNG, step, tokens, elapsed time), so --resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minigrok.bench import TORCH_DTYPES, matmul_peak_flops
+from minigrok.model import MiniGrok
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig
+from .data import BatchSampler, DataInfo
+from .tokenizer import Tokenizer, check_vocab
+
+LOG_NAME = "log.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def lr_at(config: TrainConfig, step: int, progress: float) -> float:
+    """Learning rate at `step`, with `progress` in [0, 1] the fraction of the budget spent."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_ratio
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "wsd":
+        decay_start = 1 - config.decay_fraction
+        if progress <= decay_start:
+            return config.lr
+        return floor + (config.lr - floor) * max(0.0, 1 - progress) / config.decay_fraction
+    total = config.total_steps
+    if total is not None:  # cosine over the steps after warmup
+        progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: MiniGrok, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linears, embedding) only, not on norm gains."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    if config.dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=TORCH_DTYPES[config.dtype])
+
+
+@torch.no_grad()
+def evaluate(
+    model: MiniGrok, tokens: np.ndarray, config: TrainConfig, device: torch.device, bytes_per_token: float
+) -> dict:
+    """Mean loss over the first eval_tokens of `tokens` in consecutive windows, and bits per byte."""
+    seq_len = min(config.seq_len, model.config.max_seq_len, len(tokens) - 1)
+    n_windows = max(1, min(config.eval_tokens, len(tokens) - 1) // seq_len)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for first in range(0, n_windows, config.batch_size):
+        starts = range(first * seq_len, min(n_windows, first + config.batch_size) * seq_len, seq_len)
+        window = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts])).to(device)
+        with autocast(config, device):
+            loss = model(window[:, :-1], targets=window[:, 1:]).loss
+        total += loss.item() * window[:, 1:].numel()
+        count += window[:, 1:].numel()
+    model.train(was_training)
+    val_loss = total / count
+    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token}
+
+
+class Trainer:
+    """Trains `model` on `data` into `run_dir`; `resume=True` continues from the newest checkpoint there."""
+
+    def __init__(
+        self,
+        model: MiniGrok,
+        config: TrainConfig,
+        data: DataInfo,
+        tokenizer: Tokenizer,
+        run_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+    ):
+        check_vocab(tokenizer, model.config.vocab_size)
+        if config.seq_len > model.config.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={config.seq_len} exceeds model.max_seq_len={model.config.max_seq_len}: "
+                "lower train.seq_len or raise model.max_seq_len"
+            )
+        self.config, self.data, self.tokenizer = config, data, tokenizer
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        torch.manual_seed(config.seed)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
+        if config.dtype == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.dtype=fp16 needs a GPU (loss scaling); on CPU use train.dtype=bf16 or fp32")
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.sampler = BatchSampler(data.train_path, data.dtype, config.batch_size, config.seq_len, config.seed)
+        self.val_tokens = np.memmap(data.val_path, dtype=data.dtype, mode="r")
+        self.progress = progress
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        if resume:
+            self._resume()
+        self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        found = ckpt_io.checkpoint_dirs(self.run_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"--resume: {self.run_dir} has no complete checkpoint (ckpt-<step>/) to resume from"
+            )
+        latest = found[-1]
+        state = ckpt_io.load_trainer_state(latest)
+        if state["model_config"] != self.model.config.to_dict():
+            raise ValueError(f"--resume: {latest} was trained with another model config; resume with the same config")
+        loaded = MiniGrok.from_pretrained(latest, map_location=self.device)
+        self.model.load_state_dict(loaded.state_dict())
+        ckpt_io.restore_optimizer(latest, self.optimizer, state)
+        ckpt_io.restore_rng(latest)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens_seen, self.elapsed_before = state["step"], state["tokens_seen"], state["elapsed"]
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint we resume from (the killed run went past it)."""
+        log = self.run_dir / LOG_NAME
+        if log.is_file():
+            lines = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in lines))
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed(),
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "model_config": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+        }
+        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, state)
+        ckpt_io.prune(self.run_dir, self.config.keep_last, self.best_step)
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def budget_progress(self) -> float:
+        """Fraction of the budget spent: by steps/tokens when they bound the run, else by wall time."""
+        fractions = []
+        if self.config.total_steps is not None:
+            fractions.append(self.step / self.config.total_steps)
+        if self.config.max_minutes is not None:
+            fractions.append(self.elapsed() / (60 * self.config.max_minutes))
+        return max(fractions)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / LOG_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
+        config = self.config
+        lr = lr_at(config, self.step, self.budget_progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = torch.zeros((), device=self.device)
+        for micro in range(config.grad_accum):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.sampler.batch(self.step, micro))
+            with autocast(config, self.device):
+                loss = self.forward(inputs, targets=targets).loss / config.grad_accum
+            self.scaler.scale(loss).backward()
+            total_loss += loss.detach().float()
+        loss_value = total_loss.item()
+        if not math.isfinite(loss_value):
+            found = ckpt_io.checkpoint_dirs(self.run_dir)
+            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {self.step}: training diverged; {last}. "
+                "Lower train.lr, raise train.warmup_steps or use train.dtype=fp32"
+            )
+        self.scaler.unscale_(self.optimizer)
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += config.tokens_per_step
+        return loss_value, grad_norm
+
+    def done(self) -> bool:
+        config = self.config
+        return (config.total_steps is not None and self.step >= config.total_steps) or (
+            config.max_minutes is not None and self.elapsed() >= 60 * config.max_minutes
+        )
+
+    def run_eval(self) -> dict:
+        metrics = evaluate(self.model, self.val_tokens, self.config, self.device, self.data.bytes_per_token("val"))
+        if self.best_val is None or metrics["val_loss"] < self.best_val:
+            self.best_val, self.best_step = metrics["val_loss"], self.step
+        record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()} | metrics
+        self.log(record)
+        return record
+
+    def train(self) -> dict:
+        """Run until the budget is spent; evaluate and checkpoint at the end. Returns the final eval record."""
+        config = self.config
+        peak = config.peak_flops or matmul_peak_flops(TORCH_DTYPES[config.dtype], self.device)
+        self.start_time = time.perf_counter()
+        bar = tqdm(
+            total=config.total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+        )
+        self.model.train()
+        window_start, window_tokens = time.perf_counter(), 0
+        last_eval = None
+        while not self.done():
+            loss, grad_norm = self.train_step()
+            window_tokens += config.tokens_per_step
+            bar.update(1)
+            if self.step % config.log_every == 0:
+                tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+                record = {
+                    "step": self.step,
+                    "tokens": self.tokens_seen,
+                    "time": self.elapsed(),
+                    "loss": loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * self.flops_per_token / peak,
+                }
+                self.log(record)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.step % config.eval_every == 0:
+                last_eval = self.run_eval()
+                bar.write(
+                    f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
+                )
+            if self.step % config.ckpt_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if last_eval is None or last_eval["step"] != self.step:
+            last_eval = self.run_eval()
+        if self.step % config.ckpt_every:  # otherwise the loop has just saved this step
+            self.save_checkpoint()
+        return last_eval
