@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,12 +13,24 @@ from . import functional as F
 from .config import ModelConfig
 
 
-@dataclass
 class ModelOutput:
-    """logits [B, T, vocab] and, when targets were given, the mean token cross-entropy."""
+    """`logits` [B, T, vocab], or, when targets were given, the mean token cross-entropy `loss`.
 
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
+    With targets the head and the loss run fused (minigrok.functional.linear_cross_entropy), so the [B, T, vocab]
+    logits never exist; reading `.logits` then raises instead of handing back something half-made.
+    """
+
+    def __init__(self, logits: torch.Tensor | None = None, loss: torch.Tensor | None = None):
+        self._logits, self.loss = logits, loss
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            raise AttributeError(
+                "logits are not materialised when targets are given (the head is fused with the loss); "
+                "call model(input_ids) without targets to get them"
+            )
+        return self._logits
 
 
 class KVCache:
@@ -45,8 +56,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.backend = eps, backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight, self.eps, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with `residual` the pair (norm(x + residual), x + residual) in one pass."""
+        return F.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
 
 
 class Attention(nn.Module):
@@ -100,8 +112,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        attn_out = self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        normed, x = self.mlp_norm(attn_out, residual=x)  # the residual add fused into the norm
+        return x + self.mlp(normed)
 
 
 class MiniGrok(nn.Module):
@@ -154,7 +167,7 @@ class MiniGrok(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> ModelOutput:
-        """Logits for input_ids [B, T]; with `targets` [B, T] (-100 = ignore) also the mean loss.
+        """Logits for input_ids [B, T]; or, with `targets` [B, T] (-100 = ignore), the mean loss alone.
 
         With a `cache`, input_ids continue the cached sequence and the cache advances by T.
         """
@@ -168,11 +181,12 @@ class MiniGrok(nn.Module):
         if cache is not None:
             cache.length += input_ids.shape[1]
         x = self.norm(x)
-        logits = x @ self.head_weight.T
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return ModelOutput(logits=logits, loss=loss)
+        if targets is None:
+            return ModelOutput(logits=x @ self.head_weight.T)
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets{tuple(targets.shape)} must have the shape of input_ids{tuple(input_ids.shape)}")
+        loss = F.linear_cross_entropy(x.flatten(0, 1), self.head_weight, targets.flatten(), backend=self.config.backend)
+        return ModelOutput(loss=loss)
 
     # -- generation ---------------------------------------------------------------------------------------------
 

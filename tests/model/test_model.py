@@ -95,9 +95,13 @@ def test_loss_is_mean_token_cross_entropy_with_ignore_index():
     targets = ids.roll(-1, dims=1)
     targets[:, -1] = -100
     out = model(ids, targets=targets)
-    logits = out.logits.double()
+    logits = model(ids).logits.double()
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     assert abs(out.loss.item() - expected.item()) < 1e-5
+    with pytest.raises(AttributeError, match="not materialised when targets are given"):
+        _ = out.logits
+    with pytest.raises(ValueError, match="must have the shape of input_ids"):
+        model(ids, targets=targets[:, :5])
 
 
 def test_untied_head_and_residual_init_scale():
