@@ -64,11 +64,13 @@ def bench_train(
     warmup: int = 2,
     compare_hf: bool = False,
     device: str = "cpu",
+    compile: bool = False,
 ) -> dict:
     """Training throughput (tokens/s) and MFU of MiniGrok on random tokens; optionally the same for transformers'
     LlamaForCausalLM of the same shape, batch and dtype, timed interleaved with ours in this process.
 
     When `dtype` is not fp32, the Llama model is also timed in fp32 (`hf_fp32_*`), the baseline of a mixed-precision win.
+    Both use fused AdamW (the default of transformers' Trainer); `compile` wraps both models in torch.compile.
     """
     from .model import MiniGrok
 
@@ -79,9 +81,14 @@ def bench_train(
     torch.manual_seed(0)
     ours = MiniGrok(config).to(device)
     flops_per_token = ours.report(context=seq_len).train_flops_per_token
+    maybe_compile = torch.compile if compile else (lambda model: model)
     steps_by_name = {
         "ours": _training_step(
-            ours, lambda m: m(inputs, targets=targets).loss, torch.optim.AdamW(ours.parameters()), dtype, device
+            maybe_compile(ours),
+            lambda m: m(inputs, targets=targets).loss,
+            torch.optim.AdamW(ours.parameters(), fused=True),
+            dtype,
+            device,
         )
     }
     if compare_hf:
@@ -92,10 +99,10 @@ def bench_train(
         hf_config = transformers.LlamaConfig(**hf_config_dict(config) | {"use_cache": False})
         llama = transformers.LlamaForCausalLM(hf_config).to(device)
         hf_loss = lambda m: m(input_ids=inputs, labels=ids[:, :-1]).loss  # noqa: E731
-        hf_optimizer = torch.optim.AdamW(llama.parameters())
-        steps_by_name["hf"] = _training_step(llama, hf_loss, hf_optimizer, dtype, device)
+        hf_optimizer = torch.optim.AdamW(llama.parameters(), fused=True)
+        steps_by_name["hf"] = _training_step(maybe_compile(llama), hf_loss, hf_optimizer, dtype, device)
         if dtype != "fp32":
-            steps_by_name["hf_fp32"] = _training_step(llama, hf_loss, hf_optimizer, "fp32", device)
+            steps_by_name["hf_fp32"] = _training_step(maybe_compile(llama), hf_loss, hf_optimizer, "fp32", device)
     times: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for step in steps_by_name.values():
         _time_steps(step, warmup, device)
@@ -112,6 +119,7 @@ def bench_train(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "steps": steps,
+        "compile": compile,
         "peak_flops": peak,
         "train_flops_per_token": flops_per_token,
     }

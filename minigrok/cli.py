@@ -225,6 +225,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         steps=args.steps,
         compare_hf=args.compare == "hf",
         device=args.device,
+        compile=args.compile,
     )
     for key, value in result.items():
         print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench_train.add_argument("--device", default="cpu")
     bench_train.add_argument("--compare", choices=["hf"], default=None, help="also time transformers' LlamaForCausalLM")
+    bench_train.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
     bench_train.add_argument("--json", default=None, help="write every figure to this JSON file")
     bench_train.set_defaults(run=cmd_bench_train)
     return parser

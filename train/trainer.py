@@ -65,7 +65,8 @@ def build_optimizer(model: MiniGrok, config: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel for the whole update
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8, fused=fused)
 
 
 def autocast(config: TrainConfig, device: torch.device):

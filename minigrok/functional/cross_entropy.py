@@ -11,6 +11,8 @@ from ._dispatch import use_triton
 def _check_targets(targets: torch.Tensor, n_rows: int, vocab_size: int, ignore_index: int) -> None:
     if targets.shape != (n_rows,):
         raise ValueError(f"cross-entropy: targets must have shape [{n_rows}], got {tuple(targets.shape)}")
+    if torch.compiler.is_compiling():  # value checks sync with the device; compiled graphs skip them
+        return
     valid = targets[targets != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
         raise ValueError(
@@ -45,19 +47,26 @@ def cross_entropy(
 def _chunk_loss_and_grad(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of one chunk of fp32 logits and its gradient with respect to them, written over `logits`."""
+    """Summed loss of one chunk of fp32 logits and its gradient with respect to them."""
     valid = targets != ignore_index
-    safe_targets = targets.masked_fill(~valid, 0)
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, safe_targets[:, None])[:, 0]
-    losses = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1)) + z_loss * lse**2
+    safe_targets = targets.masked_fill(~valid, 0)[:, None]
+    log_probs = torch.log_softmax(logits, dim=-1)  # one fused pass; the softmax below reuses its buffer
+    target_log_prob = log_probs.gather(1, safe_targets)[:, 0]
+    losses = -(1 - label_smoothing) * target_log_prob
+    if label_smoothing:
+        losses -= label_smoothing * log_probs.mean(-1)
+    if z_loss:
+        lse = logits.gather(1, safe_targets)[:, 0] - target_log_prob  # logsumexp without another pass
+        losses += z_loss * lse**2
     loss_sum = (losses * valid).sum()
     # d/dlogits = softmax * (1 + 2 z lse) - (1 - eps) onehot(target) - eps / V, zero on ignored rows.
-    grad = logits.sub_(lse[:, None]).exp_().mul_((1 + 2 * z_loss * lse)[:, None])
-    grad.sub_(label_smoothing / logits.shape[-1])
-    grad.scatter_add_(1, safe_targets[:, None], torch.full_like(lse[:, None], label_smoothing - 1))
-    grad.mul_(valid[:, None])
-    return loss_sum, grad
+    grad = log_probs.exp_()
+    if z_loss:
+        grad.mul_((1 + 2 * z_loss * lse)[:, None])
+    if label_smoothing:
+        grad.sub_(label_smoothing / logits.shape[-1])
+    grad.scatter_add_(1, safe_targets, torch.full_like(target_log_prob[:, None], label_smoothing - 1))
+    return loss_sum, grad.mul_(valid[:, None])
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int) -> int:

@@ -1,5 +1,6 @@
 """The `minigrok` command line, run in-process and as the installed console script."""
 
+import json
 import subprocess
 import sys
 
@@ -54,3 +55,15 @@ def test_console_script_and_light_import():
         [sys.executable, "-m", "minigrok.cli", "info", "--config", "tiny"], capture_output=True, text=True
     )
     assert run.returncode == 0 and "unique parameters" in run.stdout
+
+
+def test_bench_train_writes_every_figure(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="--compare hf times transformers' LlamaForCausalLM (dev extra)")
+    path = tmp_path / "bench.json"
+    argv = ["bench", "train", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
+    assert main(argv + ["--dtype", "bf16", "--compare", "hf", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    for key in ("tokens_per_s", "mfu", "hf_tokens_per_s", "ratio_vs_hf", "hf_fp32_tokens_per_s", "ratio_vs_hf_fp32"):
+        assert result[key] > 0, key
+    assert result["ratio_vs_hf"] == pytest.approx(result["tokens_per_s"] / result["hf_tokens_per_s"])
+    assert "ratio_vs_hf" in capsys.readouterr().out
