@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from checks import BF16_TRUNCATES, DEVICE, allowed_error, check_outputs_finite, forward_backward, max_err
 
 from minigrok.kernels.rms_norm import rms_norm
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
-# The interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest: up to 1 ulp instead of 1/2 ulp.
-BF16_TRUNCATES = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None):
@@ -20,19 +16,6 @@ def reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | No
     s = x.double() if residual is None else x.double() + residual.double()
     y = weight.double() * s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + EPS)
     return y if residual is None else (y, s)
-
-
-def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor]):
-    """Outputs of fn(*inputs) and the gradients of all inputs when grads_out flow into the outputs."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads_in = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for o, g in zip(outs, grads_out, strict=True)])
-    return list(outs), list(grads_in)
-
-
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item()
 
 
 def make_case(shape: tuple[int, ...], dtype: torch.dtype, with_residual: bool):
@@ -51,23 +34,11 @@ def triton_fn(x, weight, residual=None):
     return rms_norm(x, weight, EPS, residual)
 
 
-def allowed_error(dtype: torch.dtype, torch_err: float, ref: torch.Tensor) -> float:
-    """Twice PyTorch's own error (same op in the same dtype), plus one bf16 ulp of the largest value where the
-    interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), which can cost that much more."""
-    extra = 2**-7 * ref.abs().max().item() if dtype == torch.bfloat16 and BF16_TRUNCATES else 0.0
-    return 2 * torch_err + extra
-
-
 def assert_is_sum(s: torch.Tensor, x: torch.Tensor, residual: torch.Tensor) -> None:
     if s.dtype == torch.bfloat16 and BF16_TRUNCATES:
         torch.testing.assert_close(s, x + residual, rtol=2**-7, atol=0)
     else:
         assert torch.equal(s, x + residual)
-
-
-def check_outputs_finite(tensors: list[torch.Tensor]) -> None:
-    for t in tensors:
-        assert torch.isfinite(t).all(), "a NaN/inf survived: part of a (NaN-poisoned) buffer was not written"
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from checks import DEVICE, allowed_error, check_outputs_finite, forward_backward, max_err
 
 from minigrok.kernels.rope import apply_rope
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest: up to 1 ulp instead of 1/2 ulp.
-BF16_TRUNCATES = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cos_sin(offset: int, seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,31 +38,6 @@ def make_qk(layout: str, batch: int, n_q: int, n_kv: int, seq_len: int, head_dim
     q = qkv[..., : n_q * head_dim].view(batch, seq_len, n_q, head_dim).transpose(1, 2)
     k = qkv[..., n_q * head_dim : (n_q + n_kv) * head_dim].view(batch, seq_len, n_kv, head_dim).transpose(1, 2)
     return q, k
-
-
-def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor]):
-    """Outputs of fn(*inputs) and the gradients of all inputs when grads_out flow into the outputs."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads_in = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for o, g in zip(outs, grads_out, strict=True)])
-    return list(outs), list(grads_in)
-
-
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item()
-
-
-def allowed_error(dtype: torch.dtype, torch_err: float, ref: torch.Tensor) -> float:
-    """Twice PyTorch's own error (same op in the same dtype), plus one bf16 ulp of the largest value where the
-    interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), which can cost that much more."""
-    extra = 2**-7 * ref.abs().max().item() if dtype == torch.bfloat16 and BF16_TRUNCATES else 0.0
-    return 2 * torch_err + extra
-
-
-def check_outputs_finite(tensors: list[torch.Tensor]) -> None:
-    for t in tensors:
-        assert torch.isfinite(t).all(), "a NaN/inf survived: part of a (NaN-poisoned) buffer was not written"
 
 
 def run_case(layout, n_q, n_kv, seq_len, offset, head_dim, dtype):
