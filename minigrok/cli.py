@@ -234,6 +234,56 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    if device == "cpu":
+        # Triton reads this when a kernel is defined, so it must be set before anything imports minigrok.kernels.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .bench import bench_kernels, format_table, plot_rows, write_csv, write_json
+
+    options = {name: getattr(args, name) for name in ("sizes", "rows", "hidden", "head_dims", "gqa", "causal")}
+    rows = bench_kernels(
+        args.op,
+        device,
+        args.dtype or ("fp32" if device == "cpu" else "bf16"),
+        args.mode,
+        args.quick,
+        args.providers,
+        args.repeats,
+        progress=True,
+        **{name: value for name, value in options.items() if value is not None},
+    )
+    print(format_table(rows))
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    json_path = args.json or (out_dir and out_dir / f"{args.op}.json")
+    csv_path = args.csv or (out_dir and out_dir / f"{args.op}.csv")
+    plot_path = args.plot or (out_dir and out_dir / f"{args.op}.png")
+    if json_path:
+        write_json(rows, json_path)
+    if csv_path:
+        write_csv(rows, csv_path)
+    if plot_path:
+        plot_rows(rows, plot_path)
+    for path in (json_path, csv_path, plot_path):
+        if path:
+            print(f"wrote {path}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 512,1024") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigrok", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +354,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
     bench_train.add_argument("--json", default=None, help="write every figure to this JSON file")
     bench_train.set_defaults(run=cmd_bench_train)
+
+    kernels = bench.add_parser("kernels", help="time one op per provider across shapes; table, JSON, CSV and a plot")
+    kernels.add_argument("op", choices=["attention", "rms_norm", "rope", "swiglu", "linear_cross_entropy"])
+    kernels.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    kernels.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp32 CPU, bf16 GPU")
+    kernels.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd", "all"], default="all")
+    kernels.add_argument("--quick", action="store_true", help="a tiny sweep (for tests)")
+    kernels.add_argument(
+        "--sizes",
+        "--seq-lens",
+        type=_int_list,
+        help="swept values: sequence lengths (attention), hidden sizes (rms_norm, rope, swiglu), vocab sizes (linear_cross_entropy)",
+    )
+    kernels.add_argument("--rows", type=int, help="fixed rows or tokens (rms_norm, rope, swiglu, linear_cross_entropy)")
+    kernels.add_argument("--hidden", type=int, help="fixed hidden size (linear_cross_entropy)")
+    kernels.add_argument("--head-dims", type=_int_list, help="attention head dims, e.g. 64,128")
+    kernels.add_argument("--gqa", type=_int_list, help="attention query heads per KV head, e.g. 1,4,16")
+    kernels.add_argument(
+        "--causal", choices=["both", "on", "off"], default=None, help="attention masks (default: both)"
+    )
+    kernels.add_argument("--providers", type=lambda text: text.split(","), help="comma-separated subset to run")
+    kernels.add_argument("--repeats", type=int, default=10, help="timed calls per row on CPU (GPU: do_bench decides)")
+    kernels.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    kernels.add_argument("--json", help="write the rows to this JSON file")
+    kernels.add_argument("--csv", help="write the rows to this CSV file")
+    kernels.add_argument("--plot", help="write a PNG of throughput (or time and peak memory) against the swept size")
+    kernels.add_argument("--out-dir", help="write <op>.json, <op>.csv and <op>.png here")
+    kernels.set_defaults(run=cmd_bench_kernels)
     return parser
 
 
