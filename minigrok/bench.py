@@ -82,15 +82,17 @@ def bench_train(
     dtype: str = "fp32",
     steps: int = 10,
     warmup: int = 2,
-    compare_hf: bool = False,
+    compare: tuple[str, ...] = (),
     device: str = "cpu",
     compile: bool = False,
 ) -> dict:
-    """Training throughput (tokens/s) and MFU of MiniGrok on random tokens; optionally the same for transformers'
-    LlamaForCausalLM of the same shape, batch and dtype, timed interleaved with ours in this process.
+    """Training throughput (tokens/s), MFU and peak memory of a MiniGrok step on random tokens, timed interleaved
+    in this process with each baseline named in `compare`:
 
-    When `dtype` is not fp32, the Llama model is also timed in fp32 (`hf_fp32_*`), the baseline of a mixed-precision win.
-    Both use fused AdamW (the default of transformers' Trainer); `compile` wraps both models in torch.compile.
+    "hf": transformers' LlamaForCausalLM of the same shape, batch and dtype (and, when `dtype` is not fp32, also in
+    fp32 as `hf_fp32_*`, the baseline of a mixed-precision win); "naive-loss": our model with full logits and
+    F.cross_entropy instead of the chunked linear cross-entropy. All use fused AdamW (the default of transformers'
+    Trainer); `compile` wraps every model in torch.compile.
     """
     from .model import MiniGrok
 
@@ -111,7 +113,12 @@ def bench_train(
             device,
         )
     }
-    if compare_hf:
+    if "naive-loss" in compare:
+        naive_loss = lambda m: F.cross_entropy(m(inputs).logits.flatten(0, 1).float(), targets.flatten())  # noqa: E731
+        steps_by_name["naive_loss"] = _training_step(
+            maybe_compile(ours), naive_loss, torch.optim.AdamW(ours.parameters(), fused=True), dtype, device
+        )
+    if "hf" in compare:
         import transformers
 
         from .hf import hf_config_dict
@@ -129,6 +136,7 @@ def bench_train(
     for _ in range(steps):  # interleaved, so drift on a shared machine hits every model alike
         for name, step in steps_by_name.items():
             times[name] += _time_steps(step, 1, device)
+    peak_bytes = {name: _peak_bytes(step, device)[0] for name, step in steps_by_name.items()}
     peak = matmul_peak_flops(TORCH_DTYPES[dtype], device)
     tokens = batch_size * seq_len
     result = {
@@ -150,7 +158,10 @@ def bench_train(
         result[f"{prefix}step_s_p20_p80"] = [_quantile(values, 0.2), _quantile(values, 0.8)]
         result[f"{prefix}tokens_per_s"] = tokens / median
         result[f"{prefix}mfu"] = tokens / median * flops_per_token / peak
-    if compare_hf:
+        result[f"{prefix}peak_mb"] = peak_bytes[name] / 2**20
+    if "naive-loss" in compare:
+        result["ratio_vs_naive_loss"] = result["tokens_per_s"] / result["naive_loss_tokens_per_s"]
+    if "hf" in compare:
         result["ratio_vs_hf"] = result["tokens_per_s"] / result["hf_tokens_per_s"]
         if dtype != "fp32":
             result["ratio_vs_hf_fp32"] = result["tokens_per_s"] / result["hf_fp32_tokens_per_s"]

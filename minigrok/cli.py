@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, ModelConfig, check_fields, load_yaml
+from .config import ConfigError, ModelConfig, check_fields, load_yaml, parse_yaml
 
 
 def parse_overrides(pairs: list[str], sections: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -28,7 +26,7 @@ def parse_overrides(pairs: list[str], sections: dict[str, type]) -> dict[str, di
         if section not in sections:
             raise ConfigError(f"--set {pair!r}: unknown section {section!r}; use one of {list(sections)}")
         check_fields(sections[section].__name__, sections[section], {field: None})
-        overrides[section][field] = yaml.safe_load(value)
+        overrides[section][field] = parse_yaml(value)
     return overrides
 
 
@@ -223,7 +221,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         args.seq_len,
         args.dtype,
         steps=args.steps,
-        compare_hf=args.compare == "hf",
+        compare=tuple(args.compare),
         device=args.device,
         compile=args.compile,
     )
@@ -350,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
     bench_train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench_train.add_argument("--device", default="cpu")
-    bench_train.add_argument("--compare", choices=["hf"], default=None, help="also time transformers' LlamaForCausalLM")
+    bench_train.add_argument(
+        "--compare",
+        nargs="+",
+        choices=["hf", "naive-loss"],
+        default=[],
+        help="baselines: transformers' LlamaForCausalLM; our model with full logits + F.cross_entropy",
+    )
     bench_train.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
     bench_train.add_argument("--json", default=None, help="write every figure to this JSON file")
     bench_train.set_defaults(run=cmd_bench_train)

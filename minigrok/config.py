@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,22 @@ def check_fields(owner: str, cls: type, values: dict[str, Any]) -> None:
             raise _unknown_key_error(owner, key, known)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 3e-4 and 1e5 as numbers (YAML 1.1 wants a dot in the mantissa: 3.0e-4)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text (a config file or one --set value) to Python values, never running code."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def preset_names() -> list[str]:
     """Names of the YAML presets shipped in configs/."""
     return sorted(
@@ -57,7 +74,7 @@ def load_yaml(path_or_preset: str | Path) -> dict[str, Any]:
                 f"unknown preset {str(path_or_preset)!r}: choose one of {preset_names()} or give a YAML path"
             )
         text = preset.read_text()
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path_or_preset)!r} must be a YAML mapping with 'model' (and 'train') sections")
     return data

@@ -82,6 +82,9 @@ class TrainConfig:
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
+        if isinstance(value, float) and value.is_integer():  # budgets read naturally as 1e6
+            value = int(value)
+            setattr(self, name, value)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"train.{name}={value!r} must be an integer >= {minimum}")
 

@@ -33,6 +33,14 @@ def test_bad_arguments_exit_2_with_the_fix(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_overrides_read_numbers_in_exponent_form():
+    from minigrok.cli import build_run_configs
+
+    _, train, model = build_run_configs("tiny", ["train.lr=6e-3", "train.max_tokens=1e6", "model.norm_eps=1e-6"])
+    assert train.lr == 0.006 and train.max_tokens == 1_000_000 and isinstance(train.max_tokens, int)
+    assert model == {"norm_eps": 1e-6}
+
+
 def test_hf_round_trip_through_the_cli(tmp_path, capsys):
     pytest.importorskip("transformers", reason="the HF round trip is checked against transformers (dev extra)")
     torch.manual_seed(0)
@@ -61,9 +69,10 @@ def test_bench_train_writes_every_figure(tmp_path, capsys):
     pytest.importorskip("transformers", reason="--compare hf times transformers' LlamaForCausalLM (dev extra)")
     path = tmp_path / "bench.json"
     argv = ["bench", "train", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
-    assert main(argv + ["--dtype", "bf16", "--compare", "hf", "--json", str(path)]) == 0
+    assert main(argv + ["--dtype", "bf16", "--compare", "hf", "naive-loss", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
-    for key in ("tokens_per_s", "mfu", "hf_tokens_per_s", "ratio_vs_hf", "hf_fp32_tokens_per_s", "ratio_vs_hf_fp32"):
+    figures = ("tokens_per_s", "mfu", "peak_mb", "hf_tokens_per_s", "ratio_vs_hf", "hf_fp32_tokens_per_s")
+    for key in figures + ("ratio_vs_hf_fp32", "naive_loss_tokens_per_s", "naive_loss_peak_mb", "ratio_vs_naive_loss"):
         assert result[key] > 0, key
     assert result["ratio_vs_hf"] == pytest.approx(result["tokens_per_s"] / result["hf_tokens_per_s"])
     assert "ratio_vs_hf" in capsys.readouterr().out
