@@ -47,16 +47,17 @@ def cross_entropy(
 def _chunk_loss_and_grad(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of one chunk of fp32 logits and its gradient with respect to them."""
+    """Summed loss of one chunk of logits and its fp32 gradient with respect to them."""
     valid = targets != ignore_index
     safe_targets = targets.masked_fill(~valid, 0)[:, None]
-    log_probs = torch.log_softmax(logits, dim=-1)  # one fused pass; the softmax below reuses its buffer
+    # One fused pass that also upcasts half-precision logits; the softmax below reuses its buffer.
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     target_log_prob = log_probs.gather(1, safe_targets)[:, 0]
     losses = -(1 - label_smoothing) * target_log_prob
     if label_smoothing:
         losses -= label_smoothing * log_probs.mean(-1)
     if z_loss:
-        lse = logits.gather(1, safe_targets)[:, 0] - target_log_prob  # logsumexp without another pass
+        lse = logits.gather(1, safe_targets)[:, 0].float() - target_log_prob  # logsumexp without another pass
         losses += z_loss * lse**2
     loss_sum = (losses * valid).sum()
     # d/dlogits = softmax * (1 + 2 z lse) - (1 - eps) onehot(target) - eps / V, zero on ignored rows.
@@ -82,14 +83,18 @@ def _chunked_loss_and_grads(
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
     n_valid = (targets != ignore_index).sum().clamp(min=1)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # Under autocast the matmuls run in its dtype: cast each chunk's gradient once, not once per matmul.
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = hidden[start : start + chunk_rows]
-        logits = (rows @ weight.T).float()
+        logits = rows @ weight.T
         loss_sum, grad_logits = _chunk_loss_and_grad(
             logits, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss
         )
         total += loss_sum
-        grad_logits = grad_logits.div_(n_valid).to(hidden.dtype)
+        grad_logits = grad_logits.div_(n_valid).to(matmul_dtype)
         if grad_hidden is not None:
             grad_hidden[start : start + chunk_rows] = grad_logits @ weight
         if grad_weight is not None:
