@@ -79,14 +79,20 @@ def autocast(config: TrainConfig, device: torch.device):
 def evaluate(
     model: MiniGrok, tokens: np.ndarray, config: TrainConfig, device: torch.device, bytes_per_token: float
 ) -> dict:
-    """Mean loss over the first eval_tokens of `tokens` in consecutive windows, and bits per byte."""
+    """Mean loss and bits per byte over about eval_tokens of `tokens`, in windows spread evenly over all of it.
+
+    Spreading (rather than taking a prefix) keeps the estimate unbiased when one file fills the start of the split;
+    the windows are the same at every evaluation, so the curve compares like with like.
+    """
     seq_len = min(config.seq_len, model.config.max_seq_len, len(tokens) - 1)
-    n_windows = max(1, min(config.eval_tokens, len(tokens) - 1) // seq_len)
+    available = (len(tokens) - 1) // seq_len  # non-overlapping windows that fit
+    n_windows = max(1, min(available, config.eval_tokens // seq_len))
+    window_starts = np.linspace(0, (available - 1) * seq_len, n_windows).astype(np.int64) // seq_len * seq_len
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for first in range(0, n_windows, config.batch_size):
-        starts = range(first * seq_len, min(n_windows, first + config.batch_size) * seq_len, seq_len)
+        starts = window_starts[first : first + config.batch_size]
         window = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts])).to(device)
         with autocast(config, device):
             loss = model(window[:, :-1], targets=window[:, 1:]).loss
