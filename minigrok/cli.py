@@ -38,7 +38,7 @@ def build_model_config(config: str, overrides: list[str]) -> ModelConfig:
 
 
 def build_run_configs(config: str, overrides: list[str]):
-    """(model field values, TrainConfig, model overrides) from a preset or YAML path and --set overrides."""
+    """(model field values, TrainConfig, the --set overrides by section) from a preset or YAML path."""
     from .train.config import TrainConfig
 
     data = load_yaml(config)
@@ -47,7 +47,7 @@ def build_run_configs(config: str, overrides: list[str]):
             raise ConfigError(f"config {config!r} has an unknown section {section!r}: only 'model' and 'train' exist")
     parsed = parse_overrides(overrides, {"model": ModelConfig, "train": TrainConfig})
     train_config = TrainConfig.from_dict(dict(data.get("train") or {}) | parsed["train"])
-    return dict(data.get("model") or {}) | parsed["model"], train_config, parsed["model"]
+    return dict(data.get("model") or {}) | parsed["model"], train_config, parsed
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
     from .train.trainer import Trainer
 
-    model_values, train_config, model_overrides = build_run_configs(args.config, args.set)
+    model_values, train_config, overrides = build_run_configs(args.config, args.set)
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
     existing = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
     if existing and not args.resume:
@@ -128,20 +128,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if not existing:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start")
-        if model_overrides:
+        if overrides["model"]:
             raise ConfigError(
-                f"--resume keeps the checkpoint's model; drop the model overrides {sorted(model_overrides)}"
+                f"--resume keeps the checkpoint's model; drop the model overrides {sorted(overrides['model'])}"
             )
         state = load_trainer_state(existing[-1])
-        train_overrides = parse_overrides(args.set, {"model": ModelConfig, "train": TrainConfig})["train"]
-        train_config = TrainConfig.from_dict(state["train_config"] | train_overrides)
+        train_config = TrainConfig.from_dict(state["train_config"] | overrides["train"])
         model_values, tokenizer = state["model_config"], Tokenizer.load(existing[-1])
     else:
         corpus = split_corpus(args.data or None, args.val_data or None, train_config.val_fraction)
         tokenizer = load_or_train_tokenizer(
             args.tokenizer, corpus["train"].documents, train_config.tokenizer_vocab_size
         )
-        if "vocab_size" not in model_overrides:
+        if "vocab_size" not in overrides["model"]:
             model_values["vocab_size"] = padded_vocab_size(tokenizer)
     model_config = ModelConfig.from_dict(model_values)
     check_vocab(tokenizer, model_config.vocab_size)

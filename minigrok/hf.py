@@ -7,12 +7,11 @@ so an exported model has n_layers unique blocks and imports back with share="non
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_json, write_json, write_tensors
+from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_tensors
 from .config import ModelConfig
 from .model import MiniGrok
 
@@ -103,20 +102,12 @@ def _config_from_hf(hf: dict, path: Path) -> ModelConfig:
 
 
 def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """Every tensor of a Llama checkpoint: model.safetensors, or the shards its index names."""
     index = directory / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     tensors = {}
     for name in files:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory / name} is missing: import_hf reads safetensors weights only")
-        try:
-            tensors |= load_file(directory / name)
-        except Exception as error:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"{directory / name} is truncated or corrupt ({error})") from error
+        tensors |= read_tensors(directory / name)
     return tensors
 
 

@@ -31,6 +31,8 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys, tokenizer):
     assert config["vocab_size"] % 64 == 0 and vocab <= config["vocab_size"] < vocab + 64  # follows the tokenizer
     assert main(args) == 2  # the run exists: refuse to overwrite it without --resume
     assert "pass --resume" in capsys.readouterr().err
+    assert main(args + ["--resume", "--set", "model.dim=64"]) == 2
+    assert "--resume keeps the checkpoint's model" in capsys.readouterr().err
     assert main(args + ["--resume", "--set", "train.max_steps=16", "--samples", "0"]) == 0
     assert "step 16: val loss" in capsys.readouterr().out
 
