@@ -32,3 +32,13 @@ def allowed_error(dtype: torch.dtype, torch_err: float, ref: torch.Tensor) -> fl
 def check_outputs_finite(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         assert torch.isfinite(t).all(), "a NaN/inf survived: part of a (NaN-poisoned) buffer was not written"
+
+
+def assert_matches_reference(results, baselines, references, dtype: torch.dtype) -> None:
+    """fp32 results within 1e-5 relative of the float64 references; half-precision ones within allowed_error of
+    PyTorch's own error (`baselines`: the same op computed by PyTorch in `dtype`)."""
+    for got, baseline, ref in zip(results, baselines, references, strict=True):
+        if dtype == torch.float32:
+            assert max_err(got, ref) / ref.abs().max().item() < 1e-5
+        else:
+            assert max_err(got, ref) <= allowed_error(dtype, max_err(baseline, ref), ref)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import BF16_TRUNCATES, DEVICE, allowed_error, check_outputs_finite, forward_backward, max_err
+from checks import (
+    BF16_TRUNCATES,
+    DEVICE,
+    allowed_error,
+    assert_matches_reference,
+    check_outputs_finite,
+    forward_backward,
+    max_err,
+)
 
 from minigrok.kernels.rms_norm import rms_norm
 
@@ -71,9 +79,8 @@ def test_low_precision_within_twice_torch_error(dtype, hidden, with_residual, po
     torch_outs, torch_grads = forward_backward(torch_fn, inputs, grads_out)
     ref_outs, ref_grads = forward_backward(reference, [t.double() for t in inputs], grads_out)
     check_outputs_finite(outs + grads)
-    for got, baseline, ref in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, strict=True):
-        assert got.dtype == dtype
-        assert max_err(got, ref) <= allowed_error(dtype, max_err(baseline, ref), ref)
+    assert all(t.dtype == dtype for t in outs + grads)
+    assert_matches_reference(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, dtype)
     if with_residual:
         assert_is_sum(outs[1], inputs[0], inputs[2])
 
