@@ -137,17 +137,17 @@ def linear_cross_entropy(
 
     Rows are processed `chunk_rows` at a time; gradients of hidden and weight are formed in the same pass.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"linear_cross_entropy: expected hidden [N, d] and weight [V, d]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
-        )
-    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
-    if use_triton(backend, hidden):
+    if use_triton(backend, hidden):  # the kernel checks its own inputs (one device sync for the targets, not two)
         from minigrok.kernels.linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
 
         return triton_linear_cross_entropy(
             hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows=chunk_rows
         )
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: expected hidden [N, d] and weight [V, d]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
     chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
     args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
