@@ -1,4 +1,4 @@
-"""Benchmarks: the machine's matmul peak, training throughput, and kernel microbenchmarks."""
+"""Benchmarks: training throughput and kernel microbenchmarks."""
 
 from __future__ import annotations
 
@@ -25,29 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import functional
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of a size^3 matmul in `dtype`: the ceiling that MFU is measured against."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    a @ b  # warm-up: first calls pick kernels and allocate
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+from .machine import TORCH_DTYPES, autocast, matmul_peak_flops, resolve_dtype, synchronize
 
 
 def _time_steps(step, n_steps: int, device: torch.device) -> list[float]:
@@ -65,8 +43,7 @@ def _training_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optim
     """One forward + backward + AdamW step, under bf16/fp16 autocast when asked (weights stay fp32)."""
 
     def step():
-        context = torch.autocast(device.type, dtype=TORCH_DTYPES[dtype], enabled=dtype != "fp32")
-        with context:
+        with autocast(dtype, device):
             loss = loss_fn(model)
         loss.backward()
         optimizer.step()
@@ -79,7 +56,7 @@ def bench_train(
     config,
     batch_size: int,
     seq_len: int,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     steps: int = 10,
     warmup: int = 2,
     compare: tuple[str, ...] = (),
@@ -92,11 +69,14 @@ def bench_train(
     "hf": transformers' LlamaForCausalLM of the same shape, batch and dtype (and, when `dtype` is not fp32, also in
     fp32 as `hf_fp32_*`, the baseline of a mixed-precision win); "naive-loss": our model with full logits and
     F.cross_entropy instead of the chunked linear cross-entropy. All use fused AdamW (the default of transformers'
-    Trainer); `compile` wraps every model in torch.compile.
+    Trainer); `compile` wraps every model in torch.compile. `dtype="auto"` runs in the dtype the trainer would
+    choose here, and the result gives the figures of every candidate.
     """
     from .model import MiniGrok
 
     device = torch.device(device)
+    choice = resolve_dtype(dtype, config, batch_size * seq_len, device, training=True, field="--dtype")
+    dtype = choice.dtype
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -137,13 +117,13 @@ def bench_train(
         for name, step in steps_by_name.items():
             times[name] += _time_steps(step, 1, device)
     peak_bytes = {name: _peak_bytes(step, device)[0] for name, step in steps_by_name.items()}
-    peak = matmul_peak_flops(TORCH_DTYPES[dtype], device)
+    peak = matmul_peak_flops(dtype, device)
     tokens = batch_size * seq_len
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "dtype": dtype,
+        **choice.to_dict(),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "steps": steps,

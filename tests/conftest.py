@@ -1,9 +1,27 @@
-"""Test-wide setup: Triton kernels run in the CPU interpreter when no GPU is present."""
+"""Test-wide setup: Triton kernels run in the CPU interpreter when no GPU is present; injected machine figures."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Triton reads this when @triton.jit decorates, so it must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Inject what the dtype probe measures (set `measured.rates`, FLOP/s per dtype); counts the probes asked for."""
+    from minigrok import machine
+
+    class Injected:
+        rates = {"fp32": 50e9, "bf16": 100e9}
+        calls = 0
+
+    def fake(shapes, rows, device, training):
+        Injected.calls += 1
+        return dict(Injected.rates), dict.fromkeys(Injected.rates, rows), 0.01
+
+    monkeypatch.setattr(machine, "measure_dtypes", fake)
+    return Injected

@@ -9,7 +9,7 @@ from typing import Any
 from minigrok.config import ConfigError, check_fields
 
 SCHEDULES = ("cosine", "wsd", "constant")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -19,6 +19,8 @@ class TrainConfig:
     The budget is max_steps, max_tokens or max_minutes (the first reached ends the run; at least one is needed).
     schedule: "cosine" decays to min_lr_ratio * lr after warmup; "wsd" (warmup-stable-decay) holds lr and decays
     linearly over the last decay_fraction of the budget; "constant" holds it.
+    dtype: "auto" times fp32 against bf16 autocast (and fp16 on CUDA) on the model's matmuls at start, in under a
+    second, and trains in the fastest; fp32 / bf16 / fp16 force one.
     """
 
     batch_size: int = 16
@@ -36,7 +38,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    dtype: str = "fp32"
+    dtype: str = "auto"
     compile: bool = False
     eval_every: int = 100
     eval_tokens: int = 65536

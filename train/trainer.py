@@ -6,7 +6,6 @@ else that changes (weights, optimizer moments, RNG, step, tokens, elapsed time),
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigrok.bench import TORCH_DTYPES, matmul_peak_flops
+from minigrok.machine import autocast, matmul_peak_flops, resolve_dtype
 from minigrok.model import MiniGrok
 
 from . import checkpoint as ckpt_io
@@ -69,17 +68,12 @@ def build_optimizer(model: MiniGrok, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8, fused=fused)
 
 
-def autocast(config: TrainConfig, device: torch.device):
-    if config.dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=TORCH_DTYPES[config.dtype])
-
-
 @torch.no_grad()
 def evaluate(
-    model: MiniGrok, tokens: np.ndarray, config: TrainConfig, device: torch.device, bytes_per_token: float
+    model: MiniGrok, tokens: np.ndarray, config: TrainConfig, device: torch.device, bytes_per_token: float, dtype: str
 ) -> dict:
-    """Mean loss and bits per byte over about eval_tokens of `tokens`, in windows spread evenly over all of it.
+    """Mean loss and bits per byte over about eval_tokens of `tokens`, in windows spread evenly over all of it,
+    with the matmuls in `dtype` (a resolved one: fp32, bf16 or fp16).
 
     Spreading (rather than taking a prefix) keeps the estimate unbiased when one file fills the start of the split;
     the windows are the same at every evaluation, so the curve compares like with like.
@@ -94,7 +88,7 @@ def evaluate(
     for first in range(0, n_windows, config.batch_size):
         starts = window_starts[first : first + config.batch_size]
         window = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts])).to(device)
-        with autocast(config, device):
+        with autocast(dtype, device):
             loss = model(window[:, :-1], targets=window[:, 1:]).loss
         total += loss.item() * window[:, 1:].numel()
         count += window[:, 1:].numel()
@@ -127,11 +121,22 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        latest = self._latest_checkpoint() if resume else None
+        state = ckpt_io.load_trainer_state(latest) if latest else None
+        # "auto" measures this machine (under a second); a resumed run keeps the dtype it was trained in.
+        self.dtype_choice = resolve_dtype(
+            config.dtype,
+            model.config,
+            rows=config.batch_size * config.seq_len,
+            device=self.device,
+            training=True,
+            recorded=state.get("dtype") if state else None,
+            field="train.dtype",
+        )
+        self.dtype = self.dtype_choice.dtype
         torch.manual_seed(config.seed)
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
-        if config.dtype == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.dtype=fp16 needs a GPU (loss scaling); on CPU use train.dtype=bf16 or fp32")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.sampler = BatchSampler(data.train_path, data.dtype, config.batch_size, config.seq_len, config.seed)
         self.val_tokens = np.memmap(data.val_path, dtype=data.dtype, mode="r")
@@ -139,20 +144,21 @@ class Trainer:
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.best_val: float | None = None
         self.best_step: int | None = None
-        if resume:
-            self._resume()
+        if latest is not None:
+            self._resume(latest, state)
         self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
-    def _resume(self) -> None:
+    def _latest_checkpoint(self) -> Path:
         found = ckpt_io.checkpoint_dirs(self.run_dir)
         if not found:
             raise FileNotFoundError(
                 f"--resume: {self.run_dir} has no complete checkpoint (ckpt-<step>/) to resume from"
             )
-        latest = found[-1]
-        state = ckpt_io.load_trainer_state(latest)
+        return found[-1]
+
+    def _resume(self, latest: Path, state: dict[str, Any]) -> None:
         if state["model_config"] != self.model.config.to_dict():
             raise ValueError(f"--resume: {latest} was trained with another model config; resume with the same config")
         loaded = MiniGrok.from_pretrained(latest, map_location=self.device)
@@ -183,6 +189,7 @@ class Trainer:
             "model_config": self.model.config.to_dict(),
             "train_config": self.config.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "dtype": self.dtype,
         }
         path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, state)
         ckpt_io.prune(self.run_dir, self.config.keep_last, self.best_step)
@@ -215,7 +222,7 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         for micro in range(config.grad_accum):
             inputs, targets = (t.to(self.device, non_blocking=True) for t in self.sampler.batch(self.step, micro))
-            with autocast(config, self.device):
+            with autocast(self.dtype, self.device):
                 loss = self.forward(inputs, targets=targets).loss / config.grad_accum
             self.scaler.scale(loss).backward()
             total_loss += loss.detach().float()
@@ -244,18 +251,30 @@ class Trainer:
         )
 
     def run_eval(self) -> dict:
-        metrics = evaluate(self.model, self.val_tokens, self.config, self.device, self.data.bytes_per_token("val"))
+        metrics = evaluate(
+            self.model, self.val_tokens, self.config, self.device, self.data.bytes_per_token("val"), self.dtype
+        )
         if self.best_val is None or metrics["val_loss"] < self.best_val:
             self.best_val, self.best_step = metrics["val_loss"], self.step
         record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()} | metrics
         self.log(record)
         return record
 
+    def log_machine(self) -> float:
+        """Log (file and console) the dtype in use with its figures and the matmul peak behind MFU; return the peak."""
+        peak = self.config.peak_flops or matmul_peak_flops(self.dtype, self.device)
+        source = "train.peak_flops" if self.config.peak_flops else "measured"
+        print(self.dtype_choice.summary())
+        print(f"matmul peak ({self.dtype}): {peak / 1e9:,.1f} GFLOP/s, {source}")
+        record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()}
+        self.log(record | self.dtype_choice.to_dict() | {"peak_flops": peak, "peak_source": source})
+        return peak
+
     def train(self) -> dict:
         """Run until the budget is spent; evaluate and checkpoint at the end. Returns the final eval record."""
         config = self.config
-        peak = config.peak_flops or matmul_peak_flops(TORCH_DTYPES[config.dtype], self.device)
         self.start_time = time.perf_counter()
+        peak = self.log_machine()
         bar = tqdm(
             total=config.total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
         )

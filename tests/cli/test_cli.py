@@ -75,4 +75,17 @@ def test_bench_train_writes_every_figure(tmp_path, capsys):
     for key in figures + ("ratio_vs_hf_fp32", "naive_loss_tokens_per_s", "naive_loss_peak_mb", "ratio_vs_naive_loss"):
         assert result[key] > 0, key
     assert result["ratio_vs_hf"] == pytest.approx(result["tokens_per_s"] / result["hf_tokens_per_s"])
+    assert (result["dtype"], result["dtype_source"]) == ("bf16", "explicit")
     assert "ratio_vs_hf" in capsys.readouterr().out
+
+
+def test_bench_train_auto_reports_the_choice_and_every_candidate(tmp_path, capsys):
+    from minigrok.machine import choose_dtype
+
+    path = tmp_path / "bench.json"
+    argv = ["bench", "train", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
+    assert main(argv + ["--json", str(path)]) == 0  # --dtype auto is the default
+    result = json.loads(path.read_text())
+    assert result["dtype_source"] == "auto" and set(result["dtype_gflops"]) == {"fp32", "bf16"}
+    assert result["dtype"] == choose_dtype({name: rate * 1e9 for name, rate in result["dtype_gflops"].items()})
+    assert result["tokens_per_s"] > 0 and "dtype_gflops" in capsys.readouterr().out

@@ -24,8 +24,18 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys, tokenizer):
     run = tmp_path / "run"
     args = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", tokenizer, "--out", str(run)]
     assert main(args + ["--set", "train.max_steps=12", "--samples", "1", "--sample-tokens", "8"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "step 12: val loss" in out and "--- sample 1 ---" in out
+    # auto measured the dtype for real: said on the console, logged with its figures, recorded with the run
+    assert "dtype: " in out and ", auto (measured in" in out and "matmul peak (" in out
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert (
+        first["dtype_source"] == "auto" and set(first["dtype_gflops"]) == {"fp32", "bf16"} and first["peak_flops"] > 0
+    )
+    state = json.loads((run / "ckpt-12" / "trainer_state.json").read_text())
+    assert state["dtype"] == first["dtype"] in ("fp32", "bf16")
+    assert "dtype: " in captured.err  # the samples' own (inference) choice
     config = json.loads((run / "ckpt-12" / "config.json").read_text())
     vocab = Tokenizer.load(run / "tokenizer.json").vocab_size
     assert config["vocab_size"] % 64 == 0 and vocab <= config["vocab_size"] < vocab + 64  # follows the tokenizer
@@ -40,9 +50,18 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys, tokenizer):
         main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "10", "--seed", "0"]) == 0
     )
     assert capsys.readouterr().out.startswith("def ")
-    assert main(["eval", "--checkpoint", str(run / "ckpt-16"), "--data", str(corpus / "part0.py")]) == 0
+    evaluate = ["eval", "--checkpoint", str(run / "ckpt-16"), "--data", str(corpus / "part0.py")]
+    assert main(evaluate) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert 0 < metrics["val_bpb"] < 8 and metrics["tokens"] > 0
+    assert 0 < metrics["val_bpb"] < 8 and metrics["tokens"] > 0 and metrics["dtype"] in ("fp32", "bf16")
+    by_dtype = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(evaluate + ["--dtype", dtype]) == 0
+        captured = capsys.readouterr()
+        by_dtype[dtype] = json.loads(captured.out)
+        assert by_dtype[dtype]["dtype"] == dtype and f"dtype: {dtype}, explicit" in captured.err
+    assert by_dtype["bf16"]["val_bpb"] == pytest.approx(by_dtype["fp32"]["val_bpb"], rel=0.02)
+    assert by_dtype["fp32"]["val_bpb"] != by_dtype["bf16"]["val_bpb"]  # bf16 really ran in bf16
     assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -53,7 +72,38 @@ def test_train_errors(tmp_path, corpus, capsys):
     assert "no checkpoint to resume from" in capsys.readouterr().err
     assert main(base + ["--set", "train.dtype=fp64"]) == 2
     assert "train.dtype='fp64' is unknown" in capsys.readouterr().err
+    assert main(base + ["--set", "train.dtype=fp16", "--set", "train.device=cpu"]) == 2
+    assert "train.dtype=fp16 is not supported on cpu (fp16 needs loss scaling" in capsys.readouterr().err
     assert main(base + ["--set", "model.vocab_size=100"]) == 2
     assert "model.vocab_size" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
+
+
+def test_auto_dtype_is_recorded_and_kept_on_resume(tmp_path, corpus, capsys, measured):
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--out", str(run), "--samples", "0"]
+    measured.rates = {"fp32": 40e9, "bf16": 120e9}
+    assert main(args + ["--set", "train.max_steps=4"]) == 0
+    assert "dtype: bf16, auto (measured in 0.01 s: fp32 40.0 GFLOP/s, bf16 120.0 GFLOP/s)" in capsys.readouterr().out
+    assert json.loads((run / "ckpt-4" / "trainer_state.json").read_text())["dtype"] == "bf16"
+
+    measured.rates = {"fp32": 40e9, "bf16": 1e9}  # another machine, where bf16 is slow
+    assert main(args + ["--resume", "--set", "train.max_steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "dtype: bf16, resumed" in out and "this machine measures fp32 fastest; the run keeps its bf16" in out
+    assert json.loads((run / "ckpt-8" / "trainer_state.json").read_text())["dtype"] == "bf16"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["dtype_source"]) for r in records if "dtype_source" in r] == [(0, "auto"), (4, "resumed")]
+
+    assert main(args + ["--resume", "--set", "train.max_steps=12", "--set", "train.dtype=fp32"]) == 0
+    assert "continues in fp32 as asked, so not bit for bit" in capsys.readouterr().out
+    assert json.loads((run / "ckpt-12" / "trainer_state.json").read_text())["dtype"] == "fp32"
+
+
+def test_explicit_bf16_that_is_slow_here_is_honoured_with_a_warning(tmp_path, corpus, capsys, measured):
+    measured.rates = {"fp32": 46.5e9, "bf16": 1e9}
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--out", str(tmp_path / "run"), "--samples", "0"]
+    assert main(args + ["--set", "train.max_steps=2", "--set", "train.dtype=bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "dtype: bf16, explicit" in out and "warning: bf16 measured 46.5x slower than fp32" in out
