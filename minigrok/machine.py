@@ -20,7 +20,8 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 # A lower precision must make the matmuls at least this much faster than a safer choice to replace it: they are
 # only part of a step (norms, attention and the loss speed up less, or not at all), so a small matmul gain is none.
 MIN_SPEEDUP = 1.25
-DROP_FACTOR = 3.0  # a dtype this much slower than the best at some size leaves the race there
+DROP_FACTOR = 3.0  # a dtype this much slower than the best on a decisive problem leaves the race there
+DECISIVE_S = 1e-3  # a problem whose fastest call takes less is too small to judge: per-call overheads and noise rule
 SLOW_WARNING = 2.0  # an explicit dtype this much slower than fp32 gets a warning
 PROBE_BUDGET_S = 0.4  # wall time of the dtype race (the whole probe stays under a second)
 PEAK_BUDGET_S = 0.4  # wall time of the matmul peak
@@ -96,9 +97,9 @@ def race(
     call)} at the largest row count each one reached.
 
     `measure(dtype, rows, deadline)` gives seconds per call, or None when the deadline came first. Rows grow 4x per
-    level while the next level is predicted to fit (a level the deadline cuts short is not used); a dtype
-    DROP_FACTOR slower than the best of its level is not timed again, so one that is very slow here costs only the
-    smallest problem.
+    level while the next level is predicted to fit (a level the deadline cuts short is not used). A dtype
+    DROP_FACTOR slower than the best on the first decisive level (best call >= DECISIVE_S) is not timed again, so one
+    that is very slow here costs only the small problems.
     """
     deadline = clock() + budget_s
     alive, reached = list(candidates), {}
@@ -111,7 +112,8 @@ def race(
         if not level:
             break
         best = min(level.values())
-        alive = [dtype for dtype, seconds in level.items() if seconds <= DROP_FACTOR * best]
+        if best >= DECISIVE_S:
+            alive = [dtype for dtype, seconds in level.items() if seconds <= DROP_FACTOR * best]
         next_rows = min(max_rows, rows * 4)
         predicted = sum(3 * level[dtype] * next_rows / rows for dtype in alive)  # a warm-up and two timed calls
         if next_rows == rows or clock() + predicted > deadline:

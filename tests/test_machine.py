@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minigrok import ModelConfig, machine
-from minigrok.machine import DROP_FACTOR, choose_dtype, race, resolve_dtype
+from minigrok.machine import DECISIVE_S, DROP_FACTOR, choose_dtype, race, resolve_dtype
 
 CPU = torch.device("cpu")
 DEMO = ModelConfig.from_yaml("demo-cpu")
@@ -64,12 +64,21 @@ def rates_of(reached: dict) -> dict[str, float]:
     return {dtype: rows / seconds for dtype, (rows, seconds) in reached.items()}
 
 
-def test_race_drops_a_very_slow_dtype_after_the_smallest_problem():
+def test_race_drops_a_very_slow_dtype_on_the_first_decisive_problem():
     fake = FakeMachine(linear({"fp32": 1e-6, "bf16": 40e-6}))
-    reached = race(fake.measure, ["fp32", "bf16"], max_rows=4096, first_rows=4, budget_s=0.5, clock=fake.clock)
-    assert [rows for dtype, rows in fake.calls if dtype == "bf16"] == [4]  # never timed again
-    assert reached["fp32"] == (4096, pytest.approx(4096e-6)) and reached["bf16"][0] == 4
+    reached = race(fake.measure, ["fp32", "bf16"], max_rows=8192, first_rows=4, budget_s=0.5, clock=fake.clock)
+    # fp32 needs 1024 rows for a call of DECISIVE_S; bf16 is never timed past them
+    assert DECISIVE_S == pytest.approx(1024e-6, rel=0.03)
+    assert [rows for dtype, rows in fake.calls if dtype == "bf16"] == [4, 16, 64, 256, 1024]
+    assert reached["fp32"] == (8192, pytest.approx(8192e-6)) and reached["bf16"][0] == 1024
     assert fake.now <= 0.5 and choose_dtype(rates_of(reached)) == "fp32"
+
+
+def test_race_does_not_judge_on_problems_too_small_to_time():
+    # bf16 pays a fixed 0.4 ms per call (a weight cast, a kernel launch) that only small problems notice.
+    fake = FakeMachine(lambda dtype, rows: 0.1e-3 + rows * 1e-6 if dtype == "fp32" else 0.4e-3 + rows * 0.3e-6)
+    reached = race(fake.measure, ["fp32", "bf16"], max_rows=4096, first_rows=4, budget_s=0.5, clock=fake.clock)
+    assert reached["fp32"][0] == reached["bf16"][0] == 4096 and choose_dtype(rates_of(reached)) == "bf16"
 
 
 def test_race_keeps_close_dtypes_to_the_largest_problem_that_fits():

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from minigrok.config import ConfigError, check_fields
+from minigrok.machine import TORCH_DTYPES
 
 SCHEDULES = ("cosine", "wsd", "constant")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", *TORCH_DTYPES)
 
 
 @dataclass
