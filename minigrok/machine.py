@@ -23,7 +23,7 @@ MIN_SPEEDUP = 1.25
 DROP_FACTOR = 3.0  # a dtype this much slower than the best on a decisive problem leaves the race there
 DECISIVE_S = 1e-3  # a problem whose fastest call takes less is too small to judge: per-call overheads and noise rule
 SLOW_WARNING = 2.0  # an explicit dtype this much slower than fp32 gets a warning
-PROBE_BUDGET_S = 0.4  # wall time of the dtype race (the whole probe stays under a second)
+PROBE_BUDGET_S = 0.5  # wall time of the dtype probe
 PEAK_BUDGET_S = 0.4  # wall time of the matmul peak
 MAX_PROBE_DIM = 1024  # wider weights are probed on a slice this wide: the same kernels at a bounded cost
 FIRST_LEVEL_FLOPS = 5e6  # work of the race's first (smallest) problem: ~5 ms even at 1 GFLOP/s
@@ -66,7 +66,7 @@ def choose_dtype(rates: dict[str, float | None], min_speedup: float = MIN_SPEEDU
 
 def time_call(call: Callable[[], object], device: torch.device, deadline: float, min_s: float = 0.01) -> float | None:
     """Best seconds of one `call`: a warm-up (allocation, kernel choice), then at least two timed calls and about
-    min_s of them, never starting one that would end past `deadline`. None when the deadline has already passed."""
+    min_s of them, never starting one that would end past `deadline`. None when no timed call fitted."""
 
     def once() -> float:
         synchronize(device)
@@ -82,7 +82,7 @@ def time_call(call: Callable[[], object], device: torch.device, deadline: float,
     while (len(timings) < 2 or sum(timings) < min_s) and time.perf_counter() + last <= deadline:
         last = once()
         timings.append(last)
-    return min(timings, default=last)
+    return min(timings, default=None)
 
 
 def race(
@@ -94,7 +94,7 @@ def race(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, tuple[int, float]]:
     """Time the candidates on growing problems until max_rows or the budget; returns {dtype: (rows, seconds per
-    call)} at the largest row count each one reached.
+    call)} at the largest row count each one reached (empty when not even the first problem fitted).
 
     `measure(dtype, rows, deadline)` gives seconds per call, or None when the deadline came first. Rows grow 4x per
     level while the next level is predicted to fit (a level the deadline cuts short is not used). A dtype
@@ -119,8 +119,6 @@ def race(
         if next_rows == rows or clock() + predicted > deadline:
             break
         rows = next_rows
-    if not reached:
-        raise RuntimeError(f"the dtype probe measured nothing within {budget_s} s")
     return reached
 
 
@@ -197,7 +195,8 @@ def measure_dtypes(
     budget_s: float = PROBE_BUDGET_S,
 ) -> tuple[dict[str, float], dict[str, int], float]:
     """({dtype: FLOP/s}, {dtype: rows measured at}, seconds spent) for every safe candidate on these matmuls, up to
-    `rows` rows (batch x sequence). Cached: a process measures each problem once."""
+    `rows` rows (batch x sequence); a dtype that could not be timed within the budget is missing. Cached: a process
+    measures each problem once."""
     flops_per_row = (6 if training else 2) * sum(k * n for k, n in shapes)
     first_rows = 1 << max(0, min(4, int(FIRST_LEVEL_FLOPS // flops_per_row).bit_length() - 1))
 
@@ -205,7 +204,12 @@ def measure_dtypes(
         return time_call(_matmul_work(shapes, dtype, level_rows, device, training), device, deadline)
 
     start = time.perf_counter()
-    reached = race(measure, candidate_dtypes(device), rows, first_rows, budget_s)
+    candidates = candidate_dtypes(device)
+    # A dtype's first call in a process can pay one-time costs (kernel code paged in, JIT, lazy set-up) that
+    # measure nothing; pay them on a one-row problem before the race, from the same budget.
+    for dtype in candidates:
+        _matmul_work(shapes, dtype, 1, device, training)()
+    reached = race(measure, candidates, rows, first_rows, max(0.0, start + budget_s - time.perf_counter()))
     rates = {dtype: flops_per_row * level_rows / seconds for dtype, (level_rows, seconds) in reached.items()}
     return rates, {dtype: level_rows for dtype, (level_rows, _) in reached.items()}, time.perf_counter() - start
 
@@ -227,32 +231,37 @@ def resolve_dtype(
     """
     if requested not in ("auto", *TORCH_DTYPES):
         raise ValueError(f"{field}={requested!r} is unknown: choose auto or one of {list(TORCH_DTYPES)}")
-    if requested == "fp32":
-        note = None
-        if recorded and recorded != "fp32":
-            note = f"the run so far was trained in {recorded}; it continues in fp32 as asked, so not bit for bit"
-        return DtypeChoice("fp32", "explicit", note=note)
-    if requested != "auto" and requested not in candidate_dtypes(device):
-        safe = ", ".join(["auto", *candidate_dtypes(device)])
+    candidates = candidate_dtypes(device)
+    if requested != "auto" and requested not in candidates:
+        safe = ", ".join(["auto", *candidates])
         reason = " (fp16 needs loss scaling, which only runs on a GPU)" if requested == "fp16" else ""
         raise ValueError(f"{field}={requested} is not supported on {device.type}{reason}: use one of {safe}")
-    rates, probe_rows, wall_s = measure_dtypes(matmul_shapes(config), rows, device, training)
-    fastest = choose_dtype(rates)
-    measured = {"rates": rates, "rows": probe_rows, "wall_s": wall_s}
+    notes = []
+    if requested == "fp32":  # always safe: nothing to measure
+        rates, probe_rows, wall_s = {}, {}, 0.0
+    else:
+        rates, probe_rows, wall_s = measure_dtypes(matmul_shapes(config), rows, device, training)
+        if unmeasured := [dtype for dtype in candidates if dtype not in rates]:
+            notes.append(f"{', '.join(unmeasured)} could not be timed within the probe's {PROBE_BUDGET_S} s")
+    fastest = choose_dtype(rates) if rates else "fp32"
     if requested == "auto" and recorded:
-        note = None
+        dtype, source = recorded, "resumed"
         if fastest != recorded:
-            note = f"this machine measures {fastest} fastest; the run keeps its {recorded} so it continues bit for bit"
-        return DtypeChoice(recorded, "resumed", **measured, note=note)
-    if requested == "auto":
-        return DtypeChoice(fastest, "auto", **measured)
-    note = None
-    if requested in rates and rates[requested] * SLOW_WARNING <= rates["fp32"]:
-        slower = rates["fp32"] / rates[requested]
-        note = f"warning: {requested} measured {slower:.1f}x slower than fp32 here; auto would choose {fastest}"
-    elif recorded and recorded != requested:
-        note = f"the run so far was trained in {recorded}; it continues in {requested} as asked, so not bit for bit"
-    return DtypeChoice(requested, "explicit", **measured, note=note)
+            notes.append(
+                f"this machine measures {fastest} fastest; the run keeps its {recorded} so it continues bit for bit"
+            )
+    elif requested == "auto":
+        dtype, source = fastest, "auto"
+    else:
+        dtype, source = requested, "explicit"
+        if dtype in rates and "fp32" in rates and rates[dtype] * SLOW_WARNING <= rates["fp32"]:
+            slower = rates["fp32"] / rates[dtype]
+            notes.append(f"warning: {dtype} measured {slower:.1f}x slower than fp32 here; auto would choose {fastest}")
+        if recorded and recorded != dtype:
+            notes.append(
+                f"the run so far was trained in {recorded}; it continues in {dtype} as asked, so not bit for bit"
+            )
+    return DtypeChoice(dtype, source, rates, probe_rows, wall_s, "; ".join(notes) or None)
 
 
 @functools.cache

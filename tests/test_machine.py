@@ -128,6 +128,14 @@ def test_a_resumed_run_keeps_its_dtype_and_says_when_this_machine_differs(measur
     assert forced.dtype == "fp32" and "not bit for bit" in forced.note
 
 
+def test_a_dtype_the_probe_could_not_time_is_not_chosen_and_said(measured):
+    measured.rates = {"fp32": 46.5e9}
+    choice = resolve_dtype("auto", DEMO, 3072, CPU, training=True)
+    assert choice.dtype == "fp32" and "bf16 could not be timed within the probe's" in choice.note
+    measured.rates = {}  # not even fp32: the safe default
+    assert resolve_dtype("auto", DEMO, 3072, CPU, training=True).dtype == "fp32"
+
+
 @pytest.mark.parametrize(
     "requested,message",
     [("fp16", "train.dtype=fp16 is not supported on cpu (fp16 needs loss scaling"), ("fp8", "train.dtype='fp8'")],
@@ -163,3 +171,5 @@ def test_time_call_never_starts_past_its_deadline():
     assert calls == []
     seconds = machine.time_call(lambda: time.sleep(0.01), CPU, deadline=time.perf_counter() + 0.05)
     assert 0.009 < seconds < 0.05
+    # Room for the warm-up alone: a warm-up is no measurement.
+    assert machine.time_call(lambda: time.sleep(0.02), CPU, deadline=time.perf_counter() + 0.03) is None
