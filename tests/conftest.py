@@ -9,6 +9,9 @@ if not torch.cuda.is_available():
     # Triton reads this when @triton.jit decorates, so it must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # parallel workers share the cores instead of each taking all of them
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture
 def measured(monkeypatch):
