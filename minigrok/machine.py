@@ -2,7 +2,7 @@
 
 Which dtype is fastest changes from one CPU to the next (bf16 matmul runs anywhere from 3x to 0.02x fp32 on
 common x86 parts), so nothing here is hard-coded. Both probes are capped by wall time, not by size: a dtype
-that is slow on this machine costs milliseconds before it leaves the race, never minutes.
+that is slow on this machine costs a tenth of a second at most before it leaves the race, never minutes.
 """
 
 from __future__ import annotations
