@@ -236,6 +236,11 @@ def resolve_dtype(
         safe = ", ".join(["auto", *candidates])
         reason = " (fp16 needs loss scaling, which only runs on a GPU)" if requested == "fp16" else ""
         raise ValueError(f"{field}={requested} is not supported on {device.type}{reason}: use one of {safe}")
+    if requested == "auto" and recorded is not None and recorded not in candidates:
+        raise ValueError(
+            f"{field}=auto: the run was trained in {recorded!r}, which cannot run on {device.type}; "
+            f"set {field} to one of {candidates} to continue it (not bit for bit)"
+        )
     notes = []
     if requested == "fp32":  # always safe: nothing to measure
         rates, probe_rows, wall_s = {}, {}, 0.0

@@ -128,6 +128,14 @@ def test_a_resumed_run_keeps_its_dtype_and_says_when_this_machine_differs(measur
     assert forced.dtype == "fp32" and "not bit for bit" in forced.note
 
 
+@pytest.mark.parametrize("recorded", ["fp16", "fp64"])
+def test_a_recorded_dtype_this_device_cannot_run_is_refused_with_the_fix(recorded):
+    with pytest.raises(
+        ValueError, match=f"trained in '{recorded}', which cannot run on cpu; set train.dtype to one of"
+    ):
+        resolve_dtype("auto", DEMO, 3072, CPU, training=True, recorded=recorded, field="train.dtype")
+
+
 def test_a_dtype_the_probe_could_not_time_is_not_chosen_and_said(measured):
     measured.rates = {"fp32": 46.5e9}
     choice = resolve_dtype("auto", DEMO, 3072, CPU, training=True)
