@@ -130,6 +130,8 @@ def stream_text(model, tokenizer, prompt: str, dtype: str, **sampling) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
     from .model import MiniGrok
     from .train.checkpoint import checkpoint_dirs, load_trainer_state
     from .train.config import TrainConfig
@@ -168,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(
         f"data: {data.meta['splits']['train']['n_tokens']:,} train / {data.meta['splits']['val']['n_tokens']:,} val tokens"
     )
+    torch.manual_seed(train_config.seed)  # the seed fixes the initial weights too (a resumed run loads its own)
     model = MiniGrok(model_config)
     print(model.report(context=train_config.seq_len))
     trainer = Trainer(model, train_config, data, tokenizer, run_dir, resume=args.resume)
@@ -180,7 +183,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     for index in range(args.samples):
         print(f"--- sample {index + 1} ---")
         stream_text(
-            model, tokenizer, "", dtype, max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40, seed=index
+            model,
+            tokenizer,
+            "",
+            dtype,
+            max_new_tokens=args.sample_tokens,
+            temperature=0.8,
+            top_k=40,
+            seed=train_config.seed + index,
         )
 
 

@@ -1,0 +1,71 @@
+"""The same `minigrok train` command gives the same run, in fresh processes, killed and resumed or not."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# dtype pinned: `auto` measures the machine, and two fresh processes may time a near tie differently.
+COMMAND = ["train", "--config", "tiny", "--samples", "0", "--set", "train.dtype=fp32"]
+TIMING_KEYS = {"time", "tokens_per_s", "mfu", "peak_flops", "peak_source"}  # wall-clock figures differ between runs
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for index in range(4):
+        (root / f"part{index}.py").write_text(
+            "".join(f"def function_{index}_{n}(x):\n    return x * {n} - {index}\n\n" for n in range(50))
+        )
+    return root
+
+
+def train(out: Path, corpus: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "minigrok.cli", *COMMAND, "--data", str(corpus), "--out", str(out), *extra]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    return process
+
+
+def checkpoint_bytes(ckpt: Path) -> dict[str, bytes]:
+    return {
+        name: (ckpt / name).read_bytes() for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+    }
+
+
+def training_log(run: Path) -> list[dict]:
+    """The steps and evaluations of a run's log, without wall-clock figures and the per-segment machine record."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records if "dtype_source" not in r]
+
+
+def test_the_same_command_twice_gives_byte_identical_checkpoints(tmp_path, corpus):
+    for name in ("first", "second"):
+        train(tmp_path / name, corpus, "--set", "train.max_steps=8")
+    first, second = (checkpoint_bytes(tmp_path / name / "ckpt-8") for name in ("first", "second"))
+    assert first == second
+    assert training_log(tmp_path / "first") == training_log(tmp_path / "second")
+
+
+def test_a_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path, corpus):
+    budget = ["--set", "train.max_steps=200", "--set", "train.ckpt_every=10", "--set", "train.eval_every=50"]
+    train(tmp_path / "straight", corpus, *budget)
+    killed = train(tmp_path / "killed", corpus, *budget, wait=False)
+    second_checkpoint = tmp_path / "killed" / "ckpt-20" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not second_checkpoint.is_file() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed: give it more steps"
+    train(tmp_path / "killed", corpus, *budget, "--resume")
+    assert checkpoint_bytes(tmp_path / "killed" / "ckpt-200") == checkpoint_bytes(tmp_path / "straight" / "ckpt-200")
+    assert training_log(tmp_path / "killed") == training_log(tmp_path / "straight")
