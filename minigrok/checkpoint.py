@@ -96,10 +96,15 @@ def read_tensors(
     return tensors
 
 
-def save_model(model: MiniGrok, directory: str | Path) -> None:
+def save_weights(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors from a config dict and a state dict."""
     directory = Path(directory)
-    write_tensors(directory / WEIGHTS_NAME, model.state_dict(), metadata={"format": "pt"})
-    write_json(directory / CONFIG_NAME, model.config.to_dict())
+    write_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_json(directory / CONFIG_NAME, config)
+
+
+def save_model(model: MiniGrok, directory: str | Path) -> None:
+    save_weights(directory, model.config.to_dict(), model.state_dict())
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> MiniGrok:

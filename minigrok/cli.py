@@ -130,53 +130,37 @@ def stream_text(model, tokenizer, prompt: str, dtype: str, **sampling) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import torch
-
-    from .model import MiniGrok
-    from .train.checkpoint import checkpoint_dirs, load_trainer_state
-    from .train.config import TrainConfig
-    from .train.data import prepare_data, split_corpus
-    from .train.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
-    from .train.trainer import Trainer
+    from .train.run import RunLock, resume_run, start_run
 
     model_values, train_config, overrides = build_run_configs(args.config, args.set)
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
-    existing = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
-    if existing and not args.resume:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
-    if args.resume:
-        if not existing:
-            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start")
-        if overrides["model"]:
-            raise ConfigError(
-                f"--resume keeps the checkpoint's model; drop the model overrides {sorted(overrides['model'])}"
-            )
-        state = load_trainer_state(existing[-1])
-        train_config = TrainConfig.from_dict(state["train_config"] | overrides["train"])
-        model_values, tokenizer = state["model_config"], Tokenizer.load(existing[-1])
-    else:
-        corpus = split_corpus(args.data or None, args.val_data or None, train_config.val_fraction)
-        tokenizer = load_or_train_tokenizer(
-            args.tokenizer, corpus["train"].documents, train_config.tokenizer_vocab_size
+    if args.resume and overrides["model"]:
+        raise ConfigError(
+            f"--resume keeps the checkpoint's model; drop the model overrides {sorted(overrides['model'])}"
         )
-        if "vocab_size" not in overrides["model"]:
-            model_values["vocab_size"] = padded_vocab_size(tokenizer)
-    model_config = ModelConfig.from_dict(model_values)
-    check_vocab(tokenizer, model_config.vocab_size)
-    tokenizer.save(run_dir / "tokenizer.json")
-    data = prepare_data(
-        run_dir / "data", tokenizer, args.data or None, args.val_data or None, train_config.val_fraction
-    )
+    if args.new_data and not args.resume:
+        raise ValueError("--new-data continues a run on another corpus: it needs --resume")
+    with RunLock(run_dir):
+        if args.resume:
+            trainer = resume_run(run_dir, overrides["train"], args.data, args.val_data, args.new_data)
+        else:
+            if "vocab_size" not in overrides["model"]:  # the preset's is a placeholder: follow the tokenizer
+                model_values.pop("vocab_size", None)
+            trainer = start_run(run_dir, model_values, train_config, args.data, args.val_data, args.tokenizer)
+        train_and_sample(trainer, args)
+
+
+def train_and_sample(trainer, args: argparse.Namespace) -> None:
+    """Train to the end of the budget, then print the final figures and args.samples samples."""
+    data, model, tokenizer, train_config = trainer.data, trainer.model, trainer.tokenizer, trainer.config
     print(
         f"data: {data.meta['splits']['train']['n_tokens']:,} train / {data.meta['splits']['val']['n_tokens']:,} val tokens"
     )
-    torch.manual_seed(train_config.seed)  # the seed fixes the initial weights too (a resumed run loads its own)
-    model = MiniGrok(model_config)
     print(model.report(context=train_config.seq_len))
-    trainer = Trainer(model, train_config, data, tokenizer, run_dir, resume=args.resume)
     final = trainer.train()
     print(
-        f"step {final['step']}: val loss {final['val_loss']:.4f}, val {final['val_bpb']:.4f} bits/byte; run in {run_dir}"
+        f"step {final['step']}: val loss {final['val_loss']:.4f}, val {final['val_bpb']:.4f} bits/byte; "
+        f"run in {trainer.run_dir}"
     )
     model.eval().cpu()
     dtype = inference_dtype("auto", model, rows=1) if args.samples else "fp32"
@@ -349,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokenizer", default="bpe", help="bpe (trained on the data), byte, or a tokenizer.json path")
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument(
+        "--new-data",
+        action="store_true",
+        help="with --resume: continue on the corpus --data names (or on the run's changed files) on purpose, logged",
+    )
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.<field> or train.<field>")
     train.add_argument("--samples", type=int, default=3, help="samples printed after training")
     train.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample")

@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from minigrok.checkpoint import CheckpointError, read_json, read_tensors, save_model, write_json, write_tensors
+from minigrok.checkpoint import (
+    CheckpointError,
+    load_model,
+    read_json,
+    read_tensors,
+    save_weights,
+    write_json,
+    write_tensors,
+)
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -25,29 +33,33 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, model, tokenizer, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> Path:
-    """Write RUN/ckpt-<step>/ atomically and return its path."""
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
+    found = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start")
+    return found[-1]
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) -> Path:
+    """Write a trainer's state_dict() as RUN/ckpt-<step>/ atomically and return its path.
+
+    Tensors go to safetensors files (model, optimizer moments, RNG states), everything else to trainer_state.json.
+    """
     final = run_dir / f"ckpt-{step}"
     tmp = run_dir / f".ckpt-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed earlier
-    save_model(model, tmp)
+    save_weights(tmp, state["model_config"], state["model"])
     tokenizer.save(tmp / "tokenizer.json")
-    tensors, param_state = {}, {}
-    for index, values in optimizer.state_dict()["state"].items():
+    tensors, scalars = {}, {}
+    for index, values in state["optimizer"]["state"].items():
         for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value
-            else:
-                param_state[f"{index}.{key}"] = value
+            (tensors if torch.is_tensor(value) else scalars)[f"{index}.{key}"] = value
     write_tensors(tmp / OPTIMIZER_NAME, tensors)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    write_tensors(tmp / RNG_NAME, rng)
-    groups = optimizer.state_dict()["param_groups"]
-    write_json(tmp / STATE_NAME, state | {"optimizer_param_groups": groups, "optimizer_scalars": param_state})
+    write_tensors(tmp / RNG_NAME, state["rng"])
+    plain = {key: value for key, value in state.items() if key not in ("model", "optimizer", "rng")}
+    groups = state["optimizer"]["param_groups"]
+    write_json(tmp / STATE_NAME, plain | {"optimizer_param_groups": groups, "optimizer_scalars": scalars})
     if final.exists():  # the same step saved again (e.g. at the end of a run): swap, never leave a gap
         old = run_dir / f".ckpt-{step}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -63,28 +75,21 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return read_json(ckpt / STATE_NAME)
 
 
-def restore_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load optimizer moments and step counts saved by save_checkpoint into `optimizer`."""
-    template = optimizer.state_dict()
-    params = [i for group in template["param_groups"] for i in group["params"]]
-    tensors = read_tensors(ckpt / OPTIMIZER_NAME)
-    per_param: dict[int, dict[str, Any]] = {}
-    for name, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+def load_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """The state_dict() that save_checkpoint wrote to `ckpt`, plus "path": the checkpoint it came from."""
+    state = load_trainer_state(ckpt)
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for name, value in list(read_tensors(ckpt / OPTIMIZER_NAME).items()) + list(state.pop("optimizer_scalars").items()):
         index, key = name.split(".", 1)
-        if int(index) not in params:
-            raise CheckpointError(
-                f"{ckpt / OPTIMIZER_NAME}: state for parameter {index} does not fit this model's optimizer"
-            )
-        per_param.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
-
-
-def restore_rng(ckpt: Path) -> None:
-    rng = read_tensors(ckpt / RNG_NAME)
-    torch.set_rng_state(rng["torch"])
-    cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+        if not index.isdigit():
+            raise CheckpointError(f"{ckpt / OPTIMIZER_NAME}: tensor {name!r} is not named <parameter>.<key>")
+        optimizer_state.setdefault(int(index), {})[key] = value
+    return state | {
+        "path": str(ckpt),
+        "model": load_model(ckpt).state_dict(),
+        "optimizer": {"state": optimizer_state, "param_groups": state.pop("optimizer_param_groups")},
+        "rng": read_tensors(ckpt / RNG_NAME),
+    }
 
 
 def prune(run_dir: Path, keep_last: int, keep_step: int | None) -> None:

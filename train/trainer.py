@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minigrok.checkpoint import CheckpointError
 from minigrok.machine import autocast, matmul_peak_flops, resolve_dtype
 from minigrok.model import MiniGrok
 
@@ -57,15 +58,60 @@ def lr_at(config: TrainConfig, step: int, progress: float) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_hyperparameters(optimizer: torch.optim.AdamW, config: TrainConfig) -> None:
+    """Betas and weight decay from `config`: the first group (matrices) decays, the second (norm gains) does not.
+
+    Called when the optimizer is built and again after a resume loads its saved groups, so a changed
+    train.beta1 / beta2 / weight_decay takes effect for real."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["betas"] = (config.beta1, config.beta2)
+        group["weight_decay"] = config.weight_decay if index == 0 else 0.0
+
+
 def build_optimizer(model: MiniGrok, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linears, embedding) only, not on norm gains."""
     params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel for the whole update
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8, fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, eps=1e-8, fused=fused)
+    set_hyperparameters(optimizer, config)
+    return optimizer
+
+
+def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: MiniGrok, source: str) -> None:
+    """Raise CheckpointError unless `saved` (an optimizer state_dict) fits `optimizer`: the same groups of the same
+    parameters, and every moment tensor of its parameter's shape and dtype. A wrong-shaped moment would otherwise
+    reach the fused kernel, which reads past the end of it."""
+    where = f"{source}/{ckpt_io.OPTIMIZER_NAME}"
+    template = optimizer.state_dict()["param_groups"]
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or [g.get("params") for g in groups if isinstance(g, dict)] != [
+        g["params"] for g in template
+    ]:
+        raise CheckpointError(
+            f"{where}: its parameter groups do not fit this model's optimizer; it belongs to another run"
+        )
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved.get("state", {}).items():
+        if not 0 <= index < len(params):
+            raise CheckpointError(f"{where}: state for parameter {index}, but the model has {len(params)}")
+        param = params[index]
+        for key, value in values.items():
+            expected = (param.shape, param.dtype) if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") else None
+            if key == "step":
+                ok = (torch.is_tensor(value) and value.numel() == 1) or isinstance(value, (int, float))
+            else:
+                ok = expected is not None and torch.is_tensor(value) and (value.shape, value.dtype) == expected
+            if not ok:
+                found = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) else repr(value)[:80]
+                wanted = (
+                    "a scalar" if key == "step" else f"{tuple(expected[0])} {expected[1]}" if expected else "nothing"
+                )
+                raise CheckpointError(
+                    f"{where}: tensor {index}.{key} is {found}, but {names[id(param)]} needs {wanted}: "
+                    "the optimizer state is corrupt or from another model; restore the checkpoint or resume from an earlier one"
+                )
 
 
 @torch.no_grad()
@@ -98,7 +144,8 @@ def evaluate(
 
 
 class Trainer:
-    """Trains `model` on `data` into `run_dir`; `resume=True` continues from the newest checkpoint there."""
+    """Trains `model` on `data` into `run_dir`. state_dict() is everything a checkpoint holds; load_state_dict()
+    of a saved one continues that run exactly (minigrok.train.run.resume_run opens a run directory that way)."""
 
     def __init__(
         self,
@@ -107,7 +154,6 @@ class Trainer:
         data: DataInfo,
         tokenizer: Tokenizer,
         run_dir: str | Path,
-        resume: bool = False,
         progress: bool = True,
     ):
         check_vocab(tokenizer, model.config.vocab_size)
@@ -121,50 +167,78 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        latest = self._latest_checkpoint() if resume else None
-        state = ckpt_io.load_trainer_state(latest) if latest else None
-        # "auto" measures this machine (under a second); a resumed run keeps the dtype it was trained in.
-        self.dtype_choice = resolve_dtype(
-            config.dtype,
-            model.config,
-            rows=config.batch_size * config.seq_len,
-            device=self.device,
-            training=True,
-            recorded=state.get("dtype") if state else None,
-            field="train.dtype",
-        )
-        self.dtype = self.dtype_choice.dtype
+        self._choose_dtype(recorded=None)
         torch.manual_seed(config.seed)
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.sampler = BatchSampler(data.train_path, data.dtype, config.batch_size, config.seq_len, config.seed)
         self.val_tokens = np.memmap(data.val_path, dtype=data.dtype, mode="r")
         self.progress = progress
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.start_time: float | None = None  # set while train() runs
         self.best_val: float | None = None
         self.best_step: int | None = None
-        if latest is not None:
-            self._resume(latest, state)
+        self.changes: list[str] = []  # what a resume changed (config fields, data): logged when training starts
         self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
 
-    # -- checkpoints --------------------------------------------------------------------------------------------
+    def _choose_dtype(self, recorded: str | None) -> None:
+        """Resolve train.dtype ("auto" measures this machine in under a second; a resumed run keeps `recorded`)."""
+        self.dtype_choice = resolve_dtype(
+            self.config.dtype,
+            self.model.config,
+            rows=self.config.batch_size * self.config.seq_len,
+            device=self.device,
+            training=True,
+            recorded=recorded,
+            field="train.dtype",
+        )
+        self.dtype = self.dtype_choice.dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
 
-    def _latest_checkpoint(self) -> Path:
-        found = ckpt_io.checkpoint_dirs(self.run_dir)
-        if not found:
-            raise FileNotFoundError(
-                f"--resume: {self.run_dir} has no complete checkpoint (ckpt-<step>/) to resume from"
-            )
-        return found[-1]
+    # -- state: what a checkpoint holds -------------------------------------------------------------------------
 
-    def _resume(self, latest: Path, state: dict[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, optimizer, RNG, loss scaler, progress counters, the configs and the dtype of the run."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed(),
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "model_config": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "dtype": self.dtype,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the run `state` (a state_dict(), e.g. from ckpt_io.load_checkpoint) comes from, checked first.
+
+        This trainer's config stays in force: a field changed since the checkpoint applies from here on."""
+        source = state.get("path", "the checkpoint")
         if state["model_config"] != self.model.config.to_dict():
-            raise ValueError(f"--resume: {latest} was trained with another model config; resume with the same config")
-        loaded = MiniGrok.from_pretrained(latest, map_location=self.device)
-        self.model.load_state_dict(loaded.state_dict())
-        ckpt_io.restore_optimizer(latest, self.optimizer, state)
-        ckpt_io.restore_rng(latest)
+            raise ValueError(f"--resume: {source} was trained with another model config; resume with the same config")
+        if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint():
+            raise CheckpointError(
+                f"{source}: the run was trained with tokenizer {state['tokenizer_fingerprint'][:12]}, but this one is "
+                f"{self.tokenizer.fingerprint()[:12]}: the tokenizer.json was swapped or damaged; restore it"
+            )
+        check_optimizer_state(state["optimizer"], self.optimizer, self.model, source)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_hyperparameters(self.optimizer, self.config)
+        torch.set_rng_state(state["rng"]["torch"])
+        cuda_states = [state["rng"][k] for k in sorted(k for k in state["rng"] if k.startswith("cuda."))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        self._choose_dtype(recorded=state.get("dtype"))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen, self.elapsed_before = state["step"], state["tokens_seen"], state["elapsed"]
@@ -179,26 +253,16 @@ class Trainer:
             log.write_text("".join(line + "\n" for line in lines))
 
     def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed": self.elapsed(),
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "model_config": self.model.config.to_dict(),
-            "train_config": self.config.to_dict(),
-            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
-            "dtype": self.dtype,
-        }
-        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, state)
+        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.tokenizer)
         ckpt_io.prune(self.run_dir, self.config.keep_last, self.best_step)
         return path
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
     def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.start_time
+        """Seconds of training in this run, over every stretch of it."""
+        running = 0.0 if self.start_time is None else time.perf_counter() - self.start_time
+        return self.elapsed_before + running
 
     def budget_progress(self) -> float:
         """Fraction of the budget spent: by steps/tokens when they bound the run, else by wall time."""
@@ -260,21 +324,24 @@ class Trainer:
         self.log(record)
         return record
 
-    def log_machine(self) -> float:
-        """Log (file and console) the dtype in use with its figures and the matmul peak behind MFU; return the peak."""
+    def log_segment(self) -> float:
+        """Log (file and console) how this stretch of the run trains: the dtype with its figures, the matmul peak
+        behind MFU and what a resume changed. Returns the peak."""
         peak = self.config.peak_flops or matmul_peak_flops(self.dtype, self.device)
         source = "train.peak_flops" if self.config.peak_flops else "measured"
         print(self.dtype_choice.summary())
         print(f"matmul peak ({self.dtype}): {peak / 1e9:,.1f} GFLOP/s, {source}")
-        record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()}
-        self.log(record | self.dtype_choice.to_dict() | {"peak_flops": peak, "peak_source": source})
+        for change in self.changes:
+            print(f"resumed at step {self.step} with a change: {change}")
+        record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()} | self.dtype_choice.to_dict()
+        self.log(record | {"peak_flops": peak, "peak_source": source, "changes": self.changes})
         return peak
 
     def train(self) -> dict:
         """Run until the budget is spent; evaluate and checkpoint at the end. Returns the final eval record."""
         config = self.config
         self.start_time = time.perf_counter()
-        peak = self.log_machine()
+        peak = self.log_segment()
         bar = tqdm(
             total=config.total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
         )
@@ -312,4 +379,5 @@ class Trainer:
             last_eval = self.run_eval()
         if self.step % config.ckpt_every:  # otherwise the loop has just saved this step
             self.save_checkpoint()
+        self.elapsed_before, self.start_time = self.elapsed(), None
         return last_eval

@@ -1,6 +1,7 @@
 """The training loop: real learning, bit-exact resume, crash-safe checkpoints, divergence stops, schedules."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +46,10 @@ def make_trainer(data, run_dir, resume=False, **train_overrides):
         | train_overrides
     )
     model = MiniGrok(ModelConfig(**MODEL))
-    return Trainer(model, TrainConfig(**values), data, byte_tokenizer(), run_dir, resume=resume, progress=False)
+    trainer = Trainer(model, TrainConfig(**values), data, byte_tokenizer(), run_dir, progress=False)
+    if resume:
+        trainer.load_state_dict(ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(Path(run_dir))))
+    return trainer
 
 
 def test_tiny_model_memorises_a_text(data, tmp_path):

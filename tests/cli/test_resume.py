@@ -1,0 +1,128 @@
+"""`minigrok train --resume` continues the same run or refuses: corpus, config changes, lock, damaged state."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minigrok.cli import main
+from minigrok.train.run import RunLock
+from minigrok.train.tokenizer import byte_tokenizer
+
+
+def write_corpus(root, tag: str):
+    root.mkdir()
+    for index in range(4):
+        (root / f"part{index}.py").write_text(
+            "".join(f"def {tag}_{index}_{n}(x):\n    return x * {n} + {index}\n\n" for n in range(40))
+        )
+    return root
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A finished 4-step run on its own corpus; returns (command, run directory, corpus)."""
+    corpus = write_corpus(tmp_path / "corpus", "first")
+    out = tmp_path / "run"
+    command = ["train", "--config", "tiny", "--out", str(out), "--samples", "0", "--set", "train.ckpt_every=4"]
+    assert main(command + ["--data", str(corpus), "--set", "train.max_steps=4"]) == 0
+    return command, out, corpus
+
+
+def segment_records(out):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "changes" in r]
+
+
+def test_resume_without_data_continues_on_the_recorded_corpus(run, tmp_path, monkeypatch, capsys):
+    command, out, corpus = run
+    tokens = (out / "data" / "train.bin").read_bytes()
+    stamp = (out / "data" / "train.bin").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path / "corpus")  # another working directory: the recorded paths are absolute
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0
+    assert "step 8: val loss" in capsys.readouterr().out
+    assert (out / "data" / "train.bin").read_bytes() == tokens  # not re-encoded from the built-in corpus
+    assert (out / "data" / "train.bin").stat().st_mtime_ns == stamp
+    assert json.loads((out / "run.json").read_text())["data"] == [str(corpus)]
+
+
+def test_resume_refuses_another_corpus_unless_new_data_says_so(run, tmp_path, capsys):
+    command, out, corpus = run
+    other = write_corpus(tmp_path / "other", "second")
+    assert main(command + ["--resume", "--data", str(other), "--set", "train.max_steps=8"]) == 2
+    assert "add --new-data to continue on the new one on purpose" in capsys.readouterr().err
+    assert main(command + ["--resume", "--data", str(other), "--new-data", "--set", "train.max_steps=8"]) == 0
+    assert f"with a change: corpus {corpus} -> {other}" in capsys.readouterr().out
+    assert any("corpus" in change for change in segment_records(out)[-1]["changes"])
+    assert json.loads((out / "run.json").read_text())["data"] == [str(other)]
+    assert main(command + ["--new-data"]) == 2
+    assert "--new-data continues a run on another corpus: it needs --resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_or_vanished_corpus(run, capsys):
+    command, out, corpus = run
+    (corpus / "part1.py").write_text("def changed():\n    pass\n" * 50)
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+    assert "files of" in (err := capsys.readouterr().err) and "changed since the run recorded them" in err
+    for path in corpus.iterdir():
+        path.unlink()
+    corpus.rmdir()
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+    assert "is gone" in capsys.readouterr().err
+
+
+def test_changed_optimizer_settings_apply_for_real_and_are_logged(run, capsys):
+    command, out, _ = run
+    changes = ["--set", "train.weight_decay=0.5", "--set", "train.beta1=0.8", "--set", "train.max_steps=8"]
+    assert main(command + ["--resume", *changes]) == 0
+    out_text = capsys.readouterr().out
+    assert "resumed at step 4 with a change: train.weight_decay: 0.1 -> 0.5" in out_text
+    groups = json.loads((out / "ckpt-8" / "trainer_state.json").read_text())["optimizer_param_groups"]
+    assert (groups[0]["weight_decay"], groups[0]["betas"][0]) == (0.5, 0.8)
+    assert groups[1]["weight_decay"] == 0.0  # norm gains never decay
+    assert {"train.beta1: 0.9 -> 0.8", "train.weight_decay: 0.1 -> 0.5"} <= set(segment_records(out)[-1]["changes"])
+
+
+def test_fields_that_define_the_data_cannot_change_on_resume(run, capsys):
+    command, _, _ = run
+    assert main(command + ["--resume", "--set", "train.tokenizer_vocab_size=300"]) == 2
+    assert "train.tokenizer_vocab_size is fixed by the run's tokenizer" in capsys.readouterr().err
+    assert main(command + ["--resume", "--set", "train.val_fraction=0.3"]) == 2
+    assert "train.val_fraction is fixed by the run's data split" in capsys.readouterr().err
+
+
+def test_a_second_process_is_refused_with_the_holders_pid(run, capsys):
+    command, out, _ = run
+    with RunLock(out):
+        assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+        assert f"is in use: process {os.getpid()} is training into it" in capsys.readouterr().err
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0  # released with its holder
+
+
+def test_out_that_is_a_file_fails_before_any_work(tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("not a run")
+    assert main(["train", "--config", "tiny", "--out", str(path), "--data", str(tmp_path)]) == 2
+    assert f"--out {path} is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_wrong_shaped_optimizer_moments_are_refused_not_run(run, capsys):
+    command, out, _ = run
+    path = out / "ckpt-4" / "optimizer.safetensors"
+    tensors = load_file(path)
+    name = next(key for key in tensors if key.endswith("exp_avg"))
+    tensors[name] = torch.randn(3)  # the fused AdamW kernel would read far past its end
+    save_file(tensors, path)
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and f"tensor {name} is (3,) torch.float32" in err
+
+
+def test_a_swapped_tokenizer_is_refused_with_both_fingerprints(run, capsys):
+    command, out, _ = run
+    byte_tokenizer().save(out / "ckpt-4" / "tokenizer.json")  # the run trained a BPE tokenizer
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was trained with tokenizer" in err and byte_tokenizer().fingerprint()[:12] in err
