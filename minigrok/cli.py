@@ -421,11 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train.trainer import TrainingStopped
+
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:  # config, input and checkpoint errors carry their own fix
         print(f"minigrok {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine's fault, not the input's: a full disk, a read-only folder
+        print(f"minigrok {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:
+        print(f"minigrok {args.command}: stopped at once", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .trainer import read_log
 
 AXES = (("step", "step"), ("tokens", "tokens seen"), ("time", "wall time (s)"))
 
 
-def read_log(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+def read_curves(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a run."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: give run directories written by `minigrok train`")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in read_log(path)]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
@@ -27,7 +28,7 @@ def plot_runs(run_dirs: list[str], out: str | Path | None = None) -> Path:
     out = Path(out) if out else Path(run_dirs[0]) / "curves.png"
     figure, axes = plt.subplots(2, len(AXES), figsize=(5 * len(AXES), 7), squeeze=False)
     for index, run_dir in enumerate(run_dirs):
-        train, val = read_log(run_dir)
+        train, val = read_curves(run_dir)
         color, name = f"C{index}", Path(run_dir).name
         for column, (key, label) in enumerate(AXES):
             axes[0][column].plot(

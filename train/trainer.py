@@ -6,8 +6,12 @@ else that changes (weights, optimizer moments, RNG, step, tokens, elapsed time),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigrok.checkpoint import CheckpointError
+from minigrok.checkpoint import CheckpointError, atomic_write
 from minigrok.machine import autocast, matmul_peak_flops, resolve_dtype
 from minigrok.model import MiniGrok
 
@@ -30,6 +34,14 @@ LOG_NAME = "log.jsonl"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingStopped(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint of the step it was in; `signum` says which."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +155,25 @@ def evaluate(
     return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token}
 
 
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every line of a log.jsonl. A torn last line (a write cut short by a kill or a full disk)
+    is dropped, and said; any other unreadable line is an error naming the file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as error:
+            if number == len(lines):
+                print(f"{path}: dropped a torn last line (a write was cut short): {line[:60]!r}", file=sys.stderr)
+                break
+            raise CheckpointError(f"{path}:{number} is not a log record ({error}): fix or delete that line") from error
+        entries.append((line, record))
+    return entries
+
+
 class Trainer:
     """Trains `model` on `data` into `run_dir`. state_dict() is everything a checkpoint holds; load_state_dict()
     of a saved one continues that run exactly (minigrok.train.run.resume_run opens a run directory that way)."""
@@ -249,8 +280,8 @@ class Trainer:
         """Drop log lines written after the checkpoint we resume from (the killed run went past it)."""
         log = self.run_dir / LOG_NAME
         if log.is_file():
-            lines = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            log.write_text("".join(line + "\n" for line in lines))
+            kept = [line for line, record in read_log(log) if record["step"] <= self.step]
+            atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def save_checkpoint(self) -> Path:
         path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.tokenizer)
@@ -337,8 +368,39 @@ class Trainer:
         self.log(record | {"peak_flops": peak, "peak_source": source, "changes": self.changes})
         return peak
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step and a
+        checkpoint; a second one stops at once (KeyboardInterrupt)."""
+        self.stop_signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def request_stop(signum, frame) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            name = signal.Signals(signum).name
+            print(
+                f"\n{name}: finishing step {self.step + 1}, then a checkpoint; again to stop at once", file=sys.stderr
+            )
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
     def train(self) -> dict:
-        """Run until the budget is spent; evaluate and checkpoint at the end. Returns the final eval record."""
+        """Run until the budget is spent; evaluate and checkpoint at the end. Returns the final eval record.
+
+        SIGINT / SIGTERM end it early with a checkpoint of the step reached (TrainingStopped)."""
+        with self._stop_on_signals():
+            return self._train()
+
+    def _train(self) -> dict:
         config = self.config
         self.start_time = time.perf_counter()
         peak = self.log_segment()
@@ -372,8 +434,15 @@ class Trainer:
                 bar.write(
                     f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
                 )
-            if self.step % config.ckpt_every == 0:
-                self.save_checkpoint()
+            if self.step % config.ckpt_every == 0 or self.stop_signal is not None:
+                path = self.save_checkpoint()
+            if self.stop_signal is not None:
+                bar.close()
+                raise TrainingStopped(
+                    self.stop_signal,
+                    f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}, saved in {path}; "
+                    f"continue with: minigrok train --out {self.run_dir} --resume",
+                )
         bar.close()
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()

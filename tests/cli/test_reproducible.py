@@ -69,3 +69,22 @@ def test_a_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path, corpus
     train(tmp_path / "killed", corpus, *budget, "--resume")
     assert checkpoint_bytes(tmp_path / "killed" / "ckpt-200") == checkpoint_bytes(tmp_path / "straight" / "ckpt-200")
     assert training_log(tmp_path / "killed") == training_log(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path, corpus, signum, code):
+    budget = ["--set", "train.max_steps=200", "--set", "train.ckpt_every=100", "--set", "train.eval_every=50"]
+    train(tmp_path / "straight", corpus, *budget)
+    stopped = train(tmp_path / "stopped", corpus, *budget, wait=False)
+    log = tmp_path / "stopped" / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and '"loss"' in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stopped.send_signal(signum)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == code, err
+    step = int(err.split(" at step ")[1].split(",")[0])
+    assert 0 < step < 200 and (tmp_path / "stopped" / f"ckpt-{step}" / "trainer_state.json").is_file()
+    assert f"continue with: minigrok train --out {tmp_path / 'stopped'} --resume" in err and "Traceback" not in err
+    train(tmp_path / "stopped", corpus, *budget, "--resume")
+    assert checkpoint_bytes(tmp_path / "stopped" / "ckpt-200") == checkpoint_bytes(tmp_path / "straight" / "ckpt-200")

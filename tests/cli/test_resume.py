@@ -126,3 +126,16 @@ def test_a_swapped_tokenizer_is_refused_with_both_fingerprints(run, capsys):
     assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
     err = capsys.readouterr().err
     assert "the run was trained with tokenizer" in err and byte_tokenizer().fingerprint()[:12] in err
+
+
+def test_a_torn_last_log_line_is_dropped_and_other_damage_is_named(run, capsys):
+    command, out, _ = run
+    log = out / "log.jsonl"
+    intact = log.read_text()
+    log.write_text(intact + '{"step": 5, "loss": 3.1, "lr')  # a write cut short by a kill or a full disk
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0
+    assert "dropped a torn last line" in capsys.readouterr().err
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:1] + ["garbage"] + lines[1:]) + "\n")
+    assert main(command + ["--resume", "--set", "train.max_steps=12"]) == 2
+    assert f"{log}:2 is not a log record" in capsys.readouterr().err
