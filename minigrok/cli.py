@@ -51,24 +51,20 @@ def build_run_configs(config: str, overrides: list[str]):
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .model import MiniGrok
+    from .report import model_report
 
     config = build_model_config(args.config, args.set)
-    import torch
-
-    with torch.device("meta"):  # shapes only: nothing is allocated, so even large presets report instantly
-        model = MiniGrok(config)
     print(f"config: {args.config}")
     for key, value in config.to_dict().items():
         print(f"  {key}: {value}")
-    print(model.report(args.context))
+    print(model_report(config, args.context))  # arithmetic on the shapes: no model is built, whatever its size
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from .hf import export_hf
     from .model import MiniGrok
 
-    export_hf(MiniGrok.from_pretrained(args.checkpoint), args.out)
+    export_hf(MiniGrok.from_pretrained(args.checkpoint, verify=not args.no_verify), args.out)
     print(f"wrote a Llama checkpoint to {args.out}")
 
 
@@ -79,14 +75,25 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     print(f"wrote a minigrok checkpoint to {args.out}")
 
 
-def load_checkpoint(path: str):
-    """(model, tokenizer) from a checkpoint or run directory, checked against each other."""
+def load_checkpoint(path: str, verify: bool = True):
+    """(model, tokenizer) from a checkpoint or run directory (its newest checkpoint), checked against each other
+    and, with `verify`, every file against the checkpoint's manifest."""
+    from .checkpoint import CheckpointError, check_files, read_manifest
     from .model import MiniGrok
-    from .train.checkpoint import resolve_checkpoint
-    from .train.tokenizer import Tokenizer, check_vocab
+    from .train.checkpoint import STATE_NAME, load_trainer_state, resolve_checkpoint
+    from .train.tokenizer import TOKENIZER_NAME, Tokenizer, check_vocab
 
     ckpt = resolve_checkpoint(path)
-    model, tokenizer = MiniGrok.from_pretrained(ckpt).eval(), Tokenizer.load(ckpt)
+    model = MiniGrok.from_pretrained(ckpt, verify=verify).eval()
+    if (manifest := read_manifest(ckpt)) and TOKENIZER_NAME in manifest["files"]:
+        check_files(ckpt, manifest, [TOKENIZER_NAME], hashes=verify)
+    tokenizer = Tokenizer.load(ckpt)
+    if (ckpt / STATE_NAME).is_file() and load_trainer_state(ckpt)["tokenizer_fingerprint"] != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{ckpt / TOKENIZER_NAME} is not the tokenizer the model was trained with (fingerprint "
+            f"{tokenizer.fingerprint()[:12]}, trained with {load_trainer_state(ckpt)['tokenizer_fingerprint'][:12]}): "
+            "restore it from the run directory"
+        )
     check_vocab(tokenizer, model.config.vocab_size)
     return model, tokenizer
 
@@ -179,7 +186,7 @@ def train_and_sample(trainer, args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
     stream_text(
         model,
         tokenizer,
@@ -203,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .train.data import encode_corpus
     from .train.trainer import evaluate
 
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
     tokens, n_bytes = encode_corpus(tokenizer, args.data or None)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     eval_tokens = args.max_tokens or len(tokens)
@@ -305,6 +312,9 @@ DTYPE_ARGUMENT = dict(
 )
 
 
+NO_VERIFY_HELP = "skip the sha256 check of the checkpoint's files against its manifest (about a second per GB)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigrok", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-hf", help="convert a minigrok checkpoint to the Hugging Face Llama layout")
     export.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
     export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     export.set_defaults(run=cmd_export_hf)
 
     imp = commands.add_parser("import-hf", help="convert a Hugging Face Llama checkpoint to minigrok")
@@ -352,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--dtype", **DTYPE_ARGUMENT)
+    generate.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     generate.set_defaults(run=cmd_generate)
 
     evaluate = commands.add_parser("eval", help="loss and bits per byte of a checkpoint on a corpus")
@@ -361,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     evaluate.add_argument("--dtype", **DTYPE_ARGUMENT)
+    evaluate.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     evaluate.set_defaults(run=cmd_eval)
 
     plot = commands.add_parser("plot", help="PNG of train/val curves of one or more runs")

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,10 +22,29 @@ class ConfigError(ValueError):
     """A config field holds a value the model cannot use; the message names the field, the value and the fix."""
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxlevel = 1
+
+
+def show(value: Any) -> str:
+    """A rejected value as an error message shows it: a bounded repr, however large or deeply nested the value
+    (a YAML alias bomb expands to gigabytes in a plain repr)."""
+    return _SHORT.repr(value)
+
+
+def divisors_of(n: int) -> str:
+    """The divisors of n for an error message, or a description when there are too many to list quickly."""
+    if n > 100_000:
+        return f"the divisors of {n}"
+    return str([d for d in range(1, n + 1) if n % d == 0])
+
+
 def _unknown_key_error(owner: str, key: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return ConfigError(f"unknown {owner} field {key!r}: {hint}valid fields are {', '.join(known)}")
+    return ConfigError(f"unknown {owner} field {show(key)}: {hint}valid fields are {', '.join(known)}")
 
 
 def check_fields(owner: str, cls: type, values: dict[str, Any]) -> None:
@@ -114,9 +134,9 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         self._check_positive_int("n_kv_heads")
         if self.n_heads % self.n_kv_heads:
-            divisors = [d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]
             raise ConfigError(
-                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: choose n_kv_heads from {divisors}"
+                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: "
+                f"choose n_kv_heads from {divisors_of(self.n_heads)}"
             )
         if self.head_dim is None:
             if self.dim % self.n_heads:
@@ -135,40 +155,39 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name}={value!r} must be a positive number")
+                raise ConfigError(f"{name}={show(value)} must be a positive number")
         if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings={self.tie_embeddings!r} must be true or false")
+            raise ConfigError(f"tie_embeddings={show(self.tie_embeddings)} must be true or false")
         if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r} is unknown: choose one of {BACKENDS}")
+            raise ConfigError(f"backend={show(self.backend)} is unknown: choose one of {BACKENDS}")
         self._resolve_sharing()
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
+            raise ConfigError(f"{name}={show(value)} must be a positive integer")
 
     def _resolve_sharing(self) -> None:
         if self.share not in SHARE_MODES:
-            raise ConfigError(f"share={self.share!r} is unknown: choose one of {SHARE_MODES}")
+            raise ConfigError(f"share={show(self.share)} is unknown: choose one of {SHARE_MODES}")
         default = {"none": self.n_layers, "all": 1}.get(self.share)
         if self.n_unique_layers is None:
             if default is None and self.n_layers % 2:
                 raise ConfigError(
-                    f"share={self.share!r} with odd n_layers={self.n_layers} has no default n_unique_layers: "
+                    f"share={show(self.share)} with odd n_layers={self.n_layers} has no default n_unique_layers: "
                     "set n_unique_layers to a divisor of n_layers"
                 )
             self.n_unique_layers = default if default is not None else self.n_layers // 2
         self._check_positive_int("n_unique_layers")
         if default is not None and self.n_unique_layers != default:
             raise ConfigError(
-                f"n_unique_layers={self.n_unique_layers} does not fit share={self.share!r}, which uses {default} "
+                f"n_unique_layers={self.n_unique_layers} does not fit share={show(self.share)}, which uses {default} "
                 f"block(s) for n_layers={self.n_layers}: drop n_unique_layers or pick share='immediate' or 'cycle'"
             )
         if self.n_layers % self.n_unique_layers:
-            divisors = [d for d in range(1, self.n_layers + 1) if self.n_layers % d == 0]
             raise ConfigError(
                 f"n_unique_layers={self.n_unique_layers} does not divide n_layers={self.n_layers} for "
-                f"share={self.share!r}: choose one of {divisors}"
+                f"share={show(self.share)}: choose one of {divisors_of(self.n_layers)}"
             )
 
     def layer_schedule(self) -> list[int]:
@@ -184,6 +203,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         check_fields("ModelConfig", cls, values)
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        if missing := [name for name in required if name not in values]:
+            raise ConfigError(f"ModelConfig is missing {missing}: every model needs {required}")
         return cls(**values)
 
     @classmethod

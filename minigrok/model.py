@@ -117,6 +117,31 @@ class Block(nn.Module):
         return x + self.mlp(normed)
 
 
+def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of one block's tensors (all blocks are alike), in the order Block registers them."""
+    dim, head_dim = config.dim, config.head_dim
+    return {
+        "attn_norm.weight": (dim,),
+        "attn.qkv_proj.weight": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, dim),
+        "attn.o_proj.weight": (dim, config.n_heads * head_dim),
+        "mlp_norm.weight": (dim,),
+        "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
+        "mlp.down_proj.weight": (dim, config.ffn_dim),
+    }
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of MiniGrok(config).state_dict(), by arithmetic alone: a checkpoint is checked
+    against its config before anything is built or allocated."""
+    shapes = {"embed.weight": (config.vocab_size, config.dim)}
+    for index in range(config.n_unique_layers):
+        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config).items()}
+    shapes["norm.weight"] = (config.dim,)
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, config.dim)
+    return shapes
+
+
 class MiniGrok(nn.Module):
     """The decoder. `blocks` holds the n_unique_layers physical blocks; `schedule[i]` is the block run at layer i."""
 
@@ -234,14 +259,17 @@ class MiniGrok(nn.Module):
         save_model(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MiniGrok:
-        """Rebuild a model saved by save_pretrained, checking every tensor against config.json."""
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True
+    ) -> MiniGrok:
+        """Rebuild a model saved by save_pretrained, every tensor checked against config.json before anything is
+        allocated, and the weights' sha256 against the manifest unless verify=False."""
         from .checkpoint import load_model
 
-        return load_model(directory, map_location)
+        return load_model(directory, map_location, verify)
 
     def report(self, context: int | None = None):
         """Parameter counts, FLOPs per token at `context` (default max_seq_len), KV-cache and checkpoint bytes."""
         from .report import model_report
 
-        return model_report(self, context)
+        return model_report(self.config, context)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from .config import ModelConfig
 from .machine import TORCH_DTYPES
-
-if TYPE_CHECKING:
-    from .model import MiniGrok
 
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
@@ -40,21 +38,22 @@ class ModelReport:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def model_report(model: MiniGrok, context: int | None = None) -> ModelReport:
-    config = model.config
+def model_report(config: ModelConfig, context: int | None = None) -> ModelReport:
+    """The report of a model of `config`, by arithmetic on its shapes: nothing is built, so any size answers at once."""
+    from .model import block_shapes
+
     context = config.max_seq_len if context is None else context
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
-    block_params = [sum(p.numel() for p in block.parameters()) for block in model.blocks]
-    block_matmul = [
-        sum(p.numel() for name, p in block.named_parameters() if name.endswith("proj.weight")) for block in model.blocks
-    ]
-    embedding = model.embed.weight.numel()
-    head = 0 if model.lm_head is None else model.lm_head.weight.numel()
-    final_norm = model.norm.weight.numel()
-    unique = sum(block_params) + embedding + head + final_norm
-    total = sum(block_params[b] for b in model.schedule) + embedding + head + final_norm
-    matmul_params = sum(block_matmul[b] for b in model.schedule) + model.head_weight.numel()
+    block = block_shapes(config)
+    block_params = sum(math.prod(shape) for shape in block.values())
+    block_matmul = sum(math.prod(shape) for name, shape in block.items() if name.endswith("proj.weight"))
+    embedding = config.vocab_size * config.dim
+    head = 0 if config.tie_embeddings else embedding
+    final_norm = config.dim
+    unique = block_params * config.n_unique_layers + embedding + head + final_norm
+    total = block_params * config.n_layers + embedding + head + final_norm  # shared blocks once per position
+    matmul_params = block_matmul * config.n_layers + embedding  # the head, tied or not
     attention_dim = config.n_heads * config.head_dim
     # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average.
     attention_flops = 2 * 2 * config.n_layers * context * attention_dim // 2

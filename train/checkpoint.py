@@ -1,12 +1,14 @@
 """Training checkpoints: RUN/ckpt-<step>/ with model, tokenizer, optimizer and trainer state, written atomically.
 
-A checkpoint is assembled in a hidden temporary directory and renamed into place, so a crash mid-save leaves
-the earlier checkpoints untouched and no half-written ckpt-<step>.
+A checkpoint is assembled in a hidden temporary directory, its manifest (file sizes and sha256) written last, and
+renamed into place, so a crash mid-save leaves the earlier checkpoints untouched and no half-written ckpt-<step>;
+deleting goes the same way in reverse.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,41 +16,78 @@ import torch
 
 from minigrok.checkpoint import (
     CheckpointError,
+    check_files,
     load_model,
     read_json,
+    read_manifest,
     read_tensors,
     save_weights,
     write_json,
+    write_manifest,
     write_tensors,
 )
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
+STATE_KEYS = ("step", "tokens_seen", "elapsed", "best_val", "best_step", "model_config", "train_config")
+STATE_KEYS += ("tokenizer_fingerprint", "optimizer_param_groups", "optimizer_scalars")
+
+
+def is_complete(ckpt: Path) -> bool:
+    """A real directory (not a link) holding its manifest and every file the manifest lists; a checkpoint from
+    before manifests counts when its trainer_state.json is there. (Damage to a file present, a wrong size or
+    sha256, is an error when the checkpoint is loaded, not a reason to pass it over.)"""
+    if ckpt.is_symlink() or not ckpt.is_dir():
+        return False
+    try:
+        manifest = read_manifest(ckpt)
+    except CheckpointError:
+        return True  # present but unreadable: loading it says so
+    if manifest is None:
+        return (ckpt / STATE_NAME).is_file()
+    return all((ckpt / name).is_file() for name in manifest["files"])
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    found = [p for p in run_dir.glob("ckpt-*") if p.name[5:].isdigit() and (p / STATE_NAME).is_file()]
+    found = [p for p in run_dir.glob("ckpt-*") if p.name[5:].isdigit() and is_complete(p)]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
+    """The newest complete checkpoint of a run, saying which newer ckpt-<step> it passes over as incomplete;
+    FileNotFoundError naming the directory when there is none."""
     found = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
+    newest = int(found[-1].name[5:]) if found else -1
+    for skipped in sorted(p for p in run_dir.glob("ckpt-*") if p.name[5:].isdigit() and int(p.name[5:]) > newest):
+        print(f"{skipped} is incomplete (a file missing, or a link): passed over", file=sys.stderr)
     if not found:
         raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start")
     return found[-1]
 
 
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory: renamed out of the ckpt-* names first (atomic), so a kill halfway through
+    deleting never leaves a half-deleted ckpt-<step> that looks complete. A link is unlinked, its target kept."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) -> Path:
     """Write a trainer's state_dict() as RUN/ckpt-<step>/ atomically and return its path.
 
-    Tensors go to safetensors files (model, optimizer moments, RNG states), everything else to trainer_state.json.
+    Tensors go to safetensors files (model, optimizer moments, RNG states), everything else to trainer_state.json,
+    and manifest.json (sizes and sha256 of them all) last, inside a hidden directory renamed into place.
     """
-    final = run_dir / f"ckpt-{step}"
-    tmp = run_dir / f".ckpt-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed earlier
+    for leftover in [*run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".ckpt-*.deleting")]:  # of saves that crashed
+        shutil.rmtree(leftover, ignore_errors=True)
+    final, tmp = run_dir / f"ckpt-{step}", run_dir / f".ckpt-{step}.tmp"
     save_weights(tmp, state["model_config"], state["model"])
     tokenizer.save(tmp / "tokenizer.json")
     tensors, scalars = {}, {}
@@ -60,43 +99,48 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) 
     plain = {key: value for key, value in state.items() if key not in ("model", "optimizer", "rng")}
     groups = state["optimizer"]["param_groups"]
     write_json(tmp / STATE_NAME, plain | {"optimizer_param_groups": groups, "optimizer_scalars": scalars})
-    if final.exists():  # the same step saved again (e.g. at the end of a run): swap, never leave a gap
-        old = run_dir / f".ckpt-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    write_manifest(tmp, state["model_config"])
+    if final.exists() or final.is_symlink():  # the same step saved again (e.g. at the end of a run)
+        _discard(final)
+    tmp.rename(final)
     return final
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return read_json(ckpt / STATE_NAME)
+    """trainer_state.json, checked to be an object with every key a resume reads."""
+    state = read_json(ckpt / STATE_NAME)
+    if not isinstance(state, dict) or (missing := [key for key in STATE_KEYS if key not in state]):
+        what = f"lacks {missing}" if isinstance(state, dict) else f"is a JSON {type(state).__name__}"
+        raise CheckpointError(f"{ckpt / STATE_NAME} {what}: it is not a trainer state; resume from another checkpoint")
+    return state
 
 
-def load_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """The state_dict() that save_checkpoint wrote to `ckpt`, plus "path": the checkpoint it came from."""
+def load_checkpoint(ckpt: Path, verify: bool = True) -> dict[str, Any]:
+    """The state_dict() that save_checkpoint wrote to `ckpt` (plus "path": where it came from), every file checked
+    against the manifest's sizes and, with `verify`, sha256 first."""
+    manifest = read_manifest(ckpt)
+    if manifest is not None:
+        check_files(ckpt, manifest, hashes=verify)
     state = load_trainer_state(ckpt)
     optimizer_state: dict[int, dict[str, Any]] = {}
-    for name, value in list(read_tensors(ckpt / OPTIMIZER_NAME).items()) + list(state.pop("optimizer_scalars").items()):
-        index, key = name.split(".", 1)
-        if not index.isdigit():
+    for name, value in [*read_tensors(ckpt / OPTIMIZER_NAME).items(), *state.pop("optimizer_scalars").items()]:
+        index, _, key = name.partition(".")
+        if not index.isdigit() or not key:
             raise CheckpointError(f"{ckpt / OPTIMIZER_NAME}: tensor {name!r} is not named <parameter>.<key>")
         optimizer_state.setdefault(int(index), {})[key] = value
-    return state | {
-        "path": str(ckpt),
-        "model": load_model(ckpt).state_dict(),
-        "optimizer": {"state": optimizer_state, "param_groups": state.pop("optimizer_param_groups")},
-        "rng": read_tensors(ckpt / RNG_NAME),
-    }
+    groups = state.pop("optimizer_param_groups")
+    state["path"] = str(ckpt)
+    state["model"] = load_model(ckpt, verify=False).state_dict()  # already verified above
+    state["optimizer"] = {"state": optimizer_state, "param_groups": groups}
+    state["rng"] = read_tensors(ckpt / RNG_NAME)
+    return state
 
 
 def prune(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
     """Delete all but the newest `keep_last` checkpoints, always keeping the one at `keep_step` (the best)."""
     for ckpt in checkpoint_dirs(run_dir)[:-keep_last]:
         if keep_step is None or int(ckpt.name[5:]) != keep_step:
-            shutil.rmtree(ckpt)
+            _discard(ckpt)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

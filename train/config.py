@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from minigrok.config import ConfigError, check_fields
+from minigrok.config import ConfigError, check_fields, show
 from minigrok.machine import TORCH_DTYPES
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -67,21 +67,21 @@ class TrainConfig:
         for name in ("lr", "max_minutes", "peak_flops"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"train.{name}={value!r} must be a positive number")
+                raise ConfigError(f"train.{name}={show(value)} must be a positive number")
         for name in ("min_lr_ratio", "decay_fraction", "val_fraction", "beta1", "beta2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
-                raise ConfigError(f"train.{name}={value!r} must lie in [0, 1]")
+                raise ConfigError(f"train.{name}={show(value)} must lie in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
-                raise ConfigError(f"train.{name}={value!r} must be >= 0 (0 turns it off)")
+                raise ConfigError(f"train.{name}={show(value)} must be >= 0 (0 turns it off)")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule={self.schedule!r} is unknown: choose one of {SCHEDULES}")
+            raise ConfigError(f"train.schedule={show(self.schedule)} is unknown: choose one of {SCHEDULES}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"train.dtype={self.dtype!r} is unknown: choose one of {DTYPES}")
+            raise ConfigError(f"train.dtype={show(self.dtype)} is unknown: choose one of {DTYPES}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError(f"train.device={self.device!r} is unknown: use auto, cpu, cuda or cuda:N")
+            raise ConfigError(f"train.device={show(self.device)} is unknown: use auto, cpu, cuda or cuda:N")
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
@@ -89,7 +89,7 @@ class TrainConfig:
             value = int(value)
             setattr(self, name, value)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"train.{name}={value!r} must be an integer >= {minimum}")
+            raise ConfigError(f"train.{name}={show(value)} must be an integer >= {minimum}")
 
     @property
     def tokens_per_step(self) -> int:

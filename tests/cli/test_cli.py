@@ -89,3 +89,8 @@ def test_bench_train_auto_reports_the_choice_and_every_candidate(tmp_path, capsy
     assert result["dtype_source"] == "auto" and set(result["dtype_gflops"]) == {"fp32", "bf16"}
     assert result["dtype"] == choose_dtype({name: rate * 1e9 for name, rate in result["dtype_gflops"].items()})
     assert result["tokens_per_s"] > 0 and "dtype_gflops" in capsys.readouterr().out
+
+
+def test_info_answers_from_arithmetic_whatever_the_size(capsys):
+    assert main(["info", "--config", "tiny", "--set", "n_layers=1000000"]) == 0
+    assert "total parameters" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from minigrok.checkpoint import write_manifest
 from minigrok.cli import main
 from minigrok.train.run import RunLock
 from minigrok.train.tokenizer import byte_tokenizer
@@ -115,14 +116,33 @@ def test_wrong_shaped_optimizer_moments_are_refused_not_run(run, capsys):
     name = next(key for key in tensors if key.endswith("exp_avg"))
     tensors[name] = torch.randn(3)  # the fused AdamW kernel would read far past its end
     save_file(tensors, path)
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2  # the manifest no longer matches
+    assert f"{path} is missing or not the" in capsys.readouterr().err
+    write_manifest(out / "ckpt-4", json.loads((out / "ckpt-4" / "config.json").read_text()))  # crafted whole
     assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and f"tensor {name} is (3,) torch.float32" in err
 
 
+def test_a_flipped_bit_in_the_weights_is_caught_on_load(run, capsys):
+    command, out, _ = run
+    path = out / "ckpt-4" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's data: the file still parses
+    path.write_bytes(bytes(data))
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+    assert f"{path} does not match its sha256" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--max-new-tokens", "2"]) == 2
+    assert "does not match its sha256" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--max-new-tokens", "2", "--no-verify"]) == 0
+
+
 def test_a_swapped_tokenizer_is_refused_with_both_fingerprints(run, capsys):
     command, out, _ = run
     byte_tokenizer().save(out / "ckpt-4" / "tokenizer.json")  # the run trained a BPE tokenizer
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
+    assert "tokenizer.json is missing or not the" in capsys.readouterr().err  # the manifest sees it first
+    write_manifest(out / "ckpt-4", json.loads((out / "ckpt-4" / "config.json").read_text()))  # swapped with care
     assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 2
     err = capsys.readouterr().err
     assert "the run was trained with tokenizer" in err and byte_tokenizer().fingerprint()[:12] in err
@@ -139,3 +159,17 @@ def test_a_torn_last_log_line_is_dropped_and_other_damage_is_named(run, capsys):
     log.write_text("\n".join(lines[:1] + ["garbage"] + lines[1:]) + "\n")
     assert main(command + ["--resume", "--set", "train.max_steps=12"]) == 2
     assert f"{log}:2 is not a log record" in capsys.readouterr().err
+
+
+def test_a_half_deleted_or_linked_checkpoint_is_passed_over_and_never_breaks_a_save(run, tmp_path, capsys):
+    command, out, _ = run
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0
+    (out / "ckpt-8" / "optimizer.safetensors").unlink()  # as a kill halfway through an old-style delete left it
+    assert main(command + ["--resume", "--set", "train.max_steps=12"]) == 0
+    assert "ckpt-8 is incomplete" in capsys.readouterr().err
+    elsewhere = tmp_path / "kept"
+    (out / "ckpt-12").rename(elsewhere)
+    (out / "ckpt-12").symlink_to(elsewhere)  # a user's link in the checkpoint names
+    assert main(command + ["--resume", "--set", "train.max_steps=16", "--set", "train.keep_last=1"]) == 0
+    assert (elsewhere / "manifest.json").is_file()  # the link's target is never deleted through it
+    assert not list(out.glob(".ckpt-*"))  # nothing left half-renamed or half-deleted

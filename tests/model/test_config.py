@@ -67,3 +67,19 @@ def test_yaml_files_and_errors(tmp_path):
     path.write_text("model:\n  vocab_size: 50\n  dimm: 32\n")
     with pytest.raises(ConfigError, match="'dimm'.*did you mean 'dim'"):
         ModelConfig.from_yaml(path)
+
+
+def test_a_yaml_alias_bomb_gives_a_short_error(tmp_path):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 leaves
+    (tmp_path / "bomb.yaml").write_text(
+        "\n".join(levels) + "\nmodel:\n  vocab_size: 64\n  dim: *a8\n  n_layers: 2\n  n_heads: 2\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        ModelConfig.from_yaml(tmp_path / "bomb.yaml")
+    assert "dim=" in str(error.value) and len(str(error.value)) < 200
+
+
+def test_absurd_sizes_get_their_error_at_once():
+    with pytest.raises(ConfigError, match="the divisors of 1000000000000"):
+        ModelConfig(vocab_size=64, dim=64, n_layers=10**12, n_heads=2, share="cycle", n_unique_layers=7)
