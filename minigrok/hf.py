@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_tensors
-from .config import ModelConfig
-from .model import MiniGrok
+from .checkpoint import WEIGHT_DTYPES, CheckpointError, read_header, read_json, read_tensors, write_json, write_tensors
+from .config import ConfigError, ModelConfig, show
+from .model import MiniGrok, parameter_shapes
 
 _BLOCK_NORMS = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight"}
 
@@ -71,55 +71,98 @@ def export_hf(model: MiniGrok, directory: str | Path) -> None:
     write_json(directory / "config.json", hf_config_dict(config, model.embed.weight.dtype))
 
 
-def _config_from_hf(hf: dict, path: Path) -> ModelConfig:
+_REQUIRED_HF = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older Llama checkpoints carry: recomputed, never weights
+
+
+def _config_from_hf(hf: object, path: Path) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a Llama config object")
     if hf.get("model_type") != "llama":
-        raise CheckpointError(f"{path}: model_type={hf.get('model_type')!r}; import_hf reads Llama checkpoints only")
+        raise CheckpointError(
+            f"{path}: model_type={show(hf.get('model_type'))}; import_hf reads Llama checkpoints only"
+        )
+    if missing := [key for key in _REQUIRED_HF if key not in hf]:
+        raise CheckpointError(f"{path} lacks {missing}: a Llama config.json needs {list(_REQUIRED_HF)}")
     rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f'{path}: rope_parameters={show(rope)} must be an object such as {{"rope_theta": 10000}}')
     rope_type = rope.get("rope_type", "default")
     if hf.get("rope_scaling") or rope_type != "default":
         raise CheckpointError(
-            f"{path}: RoPE scaling ({hf.get('rope_scaling') or rope_type}) is not supported; only plain RoPE"
+            f"{path}: RoPE scaling ({show(hf.get('rope_scaling') or rope_type)}) is not supported; only plain RoPE"
         )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise CheckpointError(f"{path}: {flag}=true is not supported; minigrok's linears have no bias")
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{path}: hidden_act={hf['hidden_act']!r}; only SwiGLU (silu) MLPs are supported")
+        raise CheckpointError(f"{path}: hidden_act={show(hf['hidden_act'])}; only SwiGLU (silu) MLPs are supported")
     n_heads = hf["num_attention_heads"]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim")
+            or (hf["hidden_size"] // n_heads if isinstance(n_heads, int) and n_heads else None),
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"{path}: {error}") from error
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names: each inside `directory`, or refused."""
+    index_path = directory / "model.safetensors.index.json"
+    if not index_path.is_file():
+        return [directory / "model.safetensors"]
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} has no weight_map of tensor names to shard files: restore it")
+    root = directory.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = (directory / name).resolve()
+        if not path.is_relative_to(root):
+            raise CheckpointError(f"{index_path} names the shard {name!r}, outside {directory}: refused")
+        files.append(path)
+    return files
 
 
 def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Llama checkpoint: model.safetensors, or the shards its index names."""
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    """Every tensor of a Llama checkpoint, in one floating dtype (checked from the headers before loading)."""
+    files = _weight_files(directory)
+    dtypes = {name: dtype for path in files for name, (_, dtype) in read_header(path).items()}
+    if len(set(dtypes.values())) > 1 or not set(dtypes.values()) <= WEIGHT_DTYPES:
+        found = sorted(set(dtypes.values()))
+        raise CheckpointError(f"{directory}: the weights are {found}; import_hf takes one of {sorted(WEIGHT_DTYPES)}")
     tensors = {}
-    for name in files:
-        tensors |= read_tensors(directory / name)
+    for path in files:
+        tensors |= read_tensors(path)
     return tensors
 
 
 def import_hf(directory: str | Path) -> MiniGrok:
-    """Build a MiniGrok (share="none") from a Hugging Face Llama directory of config.json + safetensors."""
+    """Build a MiniGrok (share="none") from a Hugging Face Llama directory of config.json + safetensors.
+
+    Every tensor of the checkpoint must be used: layers beyond num_hidden_layers, or names we do not know, are
+    refused rather than dropped."""
     directory = Path(directory)
     config = _config_from_hf(read_json(directory / "config.json"), directory / "config.json")
     hf = _read_hf_tensors(directory)
+    unused = {name for name in hf if not name.endswith(_IGNORED_HF)}
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise CheckpointError(f"{directory}: tensor {name!r} is missing from the Llama checkpoint")
+        unused.discard(name)
         return hf[name]
 
     state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
@@ -135,12 +178,20 @@ def import_hf(directory: str | Path) -> MiniGrok:
         )
         state[ours + "mlp.down_proj.weight"] = take(theirs + "mlp.down_proj.weight")
         state |= {ours + name: take(theirs + hf_name) for name, hf_name in _BLOCK_NORMS.items()}
-    model = MiniGrok(config)
-    expected = model.state_dict()
+    if unused:
+        layers = sorted(
+            {int(n.split(".")[2]) for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+        )
+        hint = f"layers up to {layers[-1]}, but num_hidden_layers={config.n_layers}" if layers else "unknown tensors"
+        raise CheckpointError(
+            f"{directory}: the weights hold {hint} ({sorted(unused)[:3]}): fix config.json or the weights"
+        )
+    expected = parameter_shapes(config)
     for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+        if tuple(tensor.shape) != expected[name]:
             raise CheckpointError(
-                f"{directory}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}"
+                f"{directory}: {name} has shape {tuple(tensor.shape)}, config.json implies {expected[name]}"
             )
+    model = MiniGrok(config)
     model.load_state_dict(state)
     return model.to(state["embed.weight"].dtype)

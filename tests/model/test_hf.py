@@ -1,7 +1,10 @@
 """Interop with transformers' own LlamaForCausalLM: export, import and logits parity in fp32."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from minigrok import MiniGrok, ModelConfig
 from minigrok.checkpoint import CheckpointError
@@ -75,3 +78,50 @@ def test_import_rejects_non_llama(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(CheckpointError, match="model_type='gpt2'"):
         import_hf(tmp_path)
+
+
+def exported(tmp_path, **overrides):
+    """A small model exported to tmp_path/hf (needs no transformers): the directory, its config and tensors."""
+    torch.manual_seed(0)
+    config = ModelConfig(**(dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64) | overrides))
+    export_hf(MiniGrok(config), tmp_path / "hf")
+    directory = tmp_path / "hf"
+    return directory, json.loads((directory / "config.json").read_text()), load_file(directory / "model.safetensors")
+
+
+def test_the_shard_index_cannot_reach_outside_the_model_directory(tmp_path):
+    directory, _, tensors = exported(tmp_path)
+    save_file(tensors, tmp_path / "outside.safetensors")
+    for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "/etc/passwd"):
+        index = {"weight_map": {name: shard for name in tensors}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="outside .*: refused"):
+            import_hf(directory)
+    (directory / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="has no weight_map"):
+        import_hf(directory)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: [c], "holds a JSON list, not a Llama config"),
+        (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"lacks \['hidden_size'\]"),
+        (lambda c: c | {"rope_parameters": [1, 2]}, "rope_parameters=.* must be an object"),
+        (lambda c: c | {"num_attention_heads": "four"}, "num_attention_heads|n_heads"),
+        (lambda c: c | {"num_hidden_layers": 1}, "the weights hold layers up to 1, but num_hidden_layers=1"),
+    ],
+)
+def test_damaged_llama_configs_are_clear_errors(tmp_path, edit, message):
+    directory, config, _ = exported(tmp_path)
+    (directory / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(CheckpointError, match=message):
+        import_hf(directory)
+
+
+def test_mixed_dtypes_are_refused(tmp_path):
+    directory, _, tensors = exported(tmp_path)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].half()
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"the weights are \['F16', 'F32'\]"):
+        import_hf(directory)
