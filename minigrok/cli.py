@@ -63,9 +63,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from .hf import export_hf
     from .model import MiniGrok
+    from .train.checkpoint import resolve_checkpoint
+    from .train.tokenizer import TOKENIZER_NAME
 
-    export_hf(MiniGrok.from_pretrained(args.checkpoint, verify=not args.no_verify), args.out)
-    print(f"wrote a Llama checkpoint to {args.out}")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    if (ckpt / TOKENIZER_NAME).is_file():  # a training checkpoint: its tokenizer goes along
+        model, tokenizer = load_checkpoint(ckpt, verify=not args.no_verify)
+    else:
+        model, tokenizer = MiniGrok.from_pretrained(ckpt, verify=not args.no_verify), None
+    export_hf(model, args.out)
+    if tokenizer is not None:
+        tokenizer.save_hf(args.out)
+    print(f"wrote a Llama checkpoint{' and its tokenizer' if tokenizer else ''} to {args.out} (from {ckpt})")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
@@ -113,13 +122,16 @@ def inference_dtype(requested: str, model, rows: int) -> str:
 def stream_text(model, tokenizer, prompt: str, dtype: str, **sampling) -> str:
     """Generate from `prompt` (empty = start of a document) with the matmuls in `dtype`, printing text as it comes;
     returns the new text."""
+    import os
+
     import torch
 
     from .machine import autocast
 
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    # argv holds undecodable bytes as surrogates: back to the bytes typed (the byte tokenizer takes any, BPE refuses)
+    ids = tokenizer.encode_bytes(os.fsencode(prompt)) if prompt else [tokenizer.eos_id]
     new_ids, shown = [], ""
-    print(prompt, end="", flush=True)
+    print(os.fsencode(prompt).decode("utf-8", errors="replace"), end="", flush=True)
     # One autocast region around the whole loop: each weight is cast once, not at every decoded token.
     with autocast(dtype, torch.device("cpu")):
         for token in model.generate_stream(torch.tensor([ids]), stop_tokens=[tokenizer.eos_id], **sampling):
@@ -212,6 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
     tokens, n_bytes = encode_corpus(tokenizer, args.data or None)
+    if len(tokens) < 2:
+        raise ValueError(f"{' '.join(args.data or ['the corpus'])} holds {len(tokens)} token(s): eval needs at least 2")
     seq_len = min(args.seq_len, model.config.max_seq_len)
     eval_tokens = args.max_tokens or len(tokens)
     config = TrainConfig(max_steps=1, seq_len=seq_len, batch_size=args.batch_size, eval_tokens=eval_tokens)
@@ -326,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser("export-hf", help="convert a minigrok checkpoint to the Hugging Face Llama layout")
-    export.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
+    export.add_argument(
+        "--checkpoint", required=True, help="checkpoint (save_pretrained or ckpt-<step>) or run directory (its newest)"
+    )
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     export.set_defaults(run=cmd_export_hf)

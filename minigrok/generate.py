@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -31,9 +32,17 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _check_sampling(model: MiniGrok, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sampling(
+    model: MiniGrok, batch: int, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p
+) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if batch == 0:
+        raise ValueError("input_ids has 0 rows: generation needs at least one prompt")
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token (e.g. a BOS id)")
     if prompt_len + max_new_tokens > model.config.max_seq_len:
@@ -41,10 +50,10 @@ def _check_sampling(model: MiniGrok, prompt_len: int, max_new_tokens: int, tempe
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len="
             f"{model.config.max_seq_len}: lower max_new_tokens to at most {model.config.max_seq_len - prompt_len}"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 or None")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1 or None")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must lie in (0, 1] or be None")
 
@@ -64,7 +73,7 @@ def stream(
 
     model.check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
-    _check_sampling(model, prompt_len, max_new_tokens, temperature, top_k, top_p)
+    _check_sampling(model, batch, prompt_len, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
     device = input_ids.device
@@ -77,6 +86,11 @@ def stream(
     padding = torch.zeros(batch, dtype=torch.long, device=device)  # each finished row repeats its stop token
     logits = model(input_ids, cache=cache).logits[:, -1]
     for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):  # else argmax picks token 0 forever, or sampling fails obscurely
+            raise ValueError(
+                f"the model's logits are NaN or infinite at generated token {step}: its weights are damaged or "
+                "overflow in this dtype; check the checkpoint, or generate in fp32"
+            )
         token = sample_next(logits, temperature, top_k, top_p, generator)
         token = torch.where(finished, padding, token)
         yield token

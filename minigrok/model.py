@@ -210,6 +210,8 @@ class MiniGrok(nn.Module):
             return ModelOutput(logits=x @ self.head_weight.T)
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets{tuple(targets.shape)} must have the shape of input_ids{tuple(input_ids.shape)}")
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be integer token ids (int64), not {targets.dtype}; -100 marks ignored ones")
         loss = F.linear_cross_entropy(x.flatten(0, 1), self.head_weight, targets.flatten(), backend=self.config.backend)
         return ModelOutput(loss=loss)
 

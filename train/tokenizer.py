@@ -17,7 +17,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minigrok.checkpoint import write_json
+from minigrok.checkpoint import atomic_write, write_json
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 TOKENIZER_NAME = "tokenizer.json"
@@ -142,6 +142,26 @@ class Tokenizer:
         file = _tokenizer_file(path)
         write_json(file, self.to_dict())
         return file
+
+    def save_hf(self, directory: str | Path) -> None:
+        """tokenizer.json + tokenizer_config.json that transformers' AutoTokenizer loads, giving the same ids for
+        text (one difference: it reads "<|eos|>" spelled in text as the special token; we never do).
+
+        A BPE tokenizer is already a `tokenizers` file; the byte tokenizer is written as one: a byte-level BPE
+        with no merges, whose 256 tokens are the bytes in id order."""
+        directory = Path(directory)
+        backend = self._backend
+        if backend is None:
+            char_of_byte = {byte: char for char, byte in _BYTE_OF_CHAR.items()}
+            vocab = {char_of_byte[byte]: byte for byte in range(256)}
+            backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+            backend.decoder = decoders.ByteLevel()
+            backend.add_special_tokens(list(SPECIAL_TOKENS))
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / TOKENIZER_NAME, lambda tmp: Path(tmp).write_text(backend.to_str(), encoding="utf-8"))
+        names = dict(zip(("bos_token", "eos_token", "pad_token"), SPECIAL_TOKENS, strict=True))
+        write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"} | names)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

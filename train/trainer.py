@@ -136,6 +136,8 @@ def evaluate(
     Spreading (rather than taking a prefix) keeps the estimate unbiased when one file fills the start of the split;
     the windows are the same at every evaluation, so the curve compares like with like.
     """
+    if len(tokens) < 2:
+        raise ValueError(f"evaluation needs at least 2 tokens (one to predict from, one to predict); got {len(tokens)}")
     seq_len = min(config.seq_len, model.config.max_seq_len, len(tokens) - 1)
     available = (len(tokens) - 1) // seq_len  # non-overlapping windows that fit
     n_windows = max(1, min(available, config.eval_tokens // seq_len))

@@ -107,3 +107,32 @@ def test_explicit_bf16_that_is_slow_here_is_honoured_with_a_warning(tmp_path, co
     assert main(args + ["--set", "train.max_steps=2", "--set", "train.dtype=bf16"]) == 0
     out = capsys.readouterr().out
     assert "dtype: bf16, explicit" in out and "warning: bf16 measured 46.5x slower than fp32" in out
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
+def test_export_hf_takes_a_run_directory_and_its_tokenizer_loads_in_transformers(tmp_path, corpus, tokenizer, capsys):
+    transformers = pytest.importorskip("transformers", reason="checked against transformers (dev extra)")
+    run, out = tmp_path / "run", tmp_path / "hf"
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", tokenizer, "--out", str(run)]
+    assert main(args + ["--set", "train.max_steps=2", "--samples", "0"]) == 0
+    assert main(["export-hf", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert "and its tokenizer" in capsys.readouterr().out
+    ours = Tokenizer.load(run / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "def naïve(x):\n    return x ** 2  # ✓ 日本\n"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert theirs.decode(ours.encode(text)) == text
+    assert theirs.eos_token_id == ours.eos_id
+    assert transformers.LlamaForCausalLM.from_pretrained(out).config.vocab_size % 64 == 0
+
+
+def test_eval_of_a_one_byte_file_and_an_undecodable_prompt(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", "byte", "--out", str(run)]
+    assert main(args + ["--set", "train.max_steps=2", "--samples", "0"]) == 0
+    (tmp_path / "one.txt").write_text("x")
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "one.txt")]) == 2
+    assert "holds 1 token(s): eval needs at least 2" in capsys.readouterr().err
+    prompt = b"caf\xe9 ".decode("utf-8", errors="surrogateescape")  # a Latin-1 byte, as argv carries it
+    assert main(["generate", "--checkpoint", str(run), "--prompt", prompt, "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("caf\ufffd ")

@@ -173,3 +173,32 @@ def test_input_errors_name_the_problem():
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.ones(1, 2, dtype=torch.long), 2, top_p=1.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=float("nan")), "temperature=nan must be a finite number"),
+        (dict(temperature=float("inf")), "temperature=inf must be a finite number"),
+        (dict(top_k=2.5), "top_k=2.5 must be an integer"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be an integer"),
+        (dict(top_p=float("nan")), "top_p=nan must lie in"),
+    ],
+)
+def test_nonsense_sampling_arguments_are_clear_errors(kwargs, message):
+    model = MiniGrok(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2))
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.randint(0, 64, (1, 4)), **(dict(max_new_tokens=3) | kwargs))
+
+
+def test_empty_batches_float_targets_and_nan_weights_are_clear_errors():
+    model = MiniGrok(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2))
+    ids = torch.randint(0, 64, (2, 4))
+    with pytest.raises(ValueError, match="input_ids has 0 rows"):
+        model.generate(ids[:0], max_new_tokens=3)
+    with pytest.raises(ValueError, match="targets must be integer token ids"):
+        model(ids, targets=ids.float())
+    with torch.no_grad():
+        model.norm.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="logits are NaN or infinite at generated token 0"):
+        model.generate(ids, max_new_tokens=3, temperature=0)  # greedy would emit token 0 forever
