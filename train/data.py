@@ -9,6 +9,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,7 +46,9 @@ class Source:
         if self.path.suffix == ".jsonl":
             yield from _jsonl_texts(self.path)
         else:
-            with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+            # Invalid UTF-8 bytes survive as lone surrogates: the byte tokenizer gets them back exactly,
+            # BPE gets U+FFFD in their place (see utf8_clean).
+            with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                 yield f.read()
 
     def stat_key(self) -> list:
@@ -162,12 +166,19 @@ class CorpusSplit:
     val_fraction: float = 0.0
 
     def documents(self) -> Iterator[str]:
+        yield from (text for _, text in self.documents_with_sources())
+
+    def documents_with_sources(self) -> Iterator[tuple[Source, str]]:
         if self.part == "all":
             for source in self.sources:
-                yield from source.documents()
+                yield from ((source, text) for text in source.documents())
         else:
             head, tail = _split_tail(self.sources[0], self.val_fraction)
-            yield from tail if self.part == "tail" else head
+            yield from ((self.sources[0], text) for text in (tail if self.part == "tail" else head))
+
+    def clean_documents(self) -> Iterator[str]:
+        """The documents as valid text, invalid UTF-8 bytes as U+FFFD: what a BPE tokenizer can train on."""
+        yield from (utf8_clean(text)[0] for text in self.documents())
 
     def fingerprint(self) -> str:
         """sha256 of what this split reads: each file's path, size and mtime_ns, and the part taken."""
@@ -326,13 +337,36 @@ def _read_meta(path: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def utf8_clean(text: str) -> tuple[str, int]:
+    """(text with each invalid UTF-8 byte, read as a lone surrogate, replaced by U+FFFD; how many there were)."""
+    cleaned, count = _SURROGATE.subn("\ufffd", text)
+    return cleaned, count
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _encode_split(name: str, split: CorpusSplit, tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
     stats = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0}
     separator = np.array([tokenizer.eos_id], dtype)
+    replaced = {"bytes": 0, "files": set(), "first": None}
+
+    def texts() -> Iterator[str]:
+        """The split's documents as the tokenizer takes them: every byte for the byte tokenizer, valid text (and a
+        count of what was replaced) for BPE."""
+        for source, text in split.documents_with_sources():
+            stats["n_bytes"] += len(text.encode("utf-8", errors="surrogateescape"))  # the bytes on disk
+            if tokenizer.kind == "bpe":
+                text, count = utf8_clean(text)
+                if count:
+                    replaced["bytes"] += count
+                    replaced["files"].add(source.path)
+                    replaced["first"] = replaced["first"] or source.path
+            yield text
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f, tqdm(desc=f"encoding {name}", unit="doc", disable=None) as bar:
-            for batch in _batches(split.documents()):
+            for batch in _batches(texts()):
                 arrays = []
                 for ids in tokenizer.encode_batch(batch):
                     if stats["n_documents"]:
@@ -342,12 +376,17 @@ def _encode_split(name: str, split: CorpusSplit, tokenizer: Tokenizer, path: Pat
                 tokens = np.concatenate(arrays)
                 tokens.tofile(f)
                 stats["n_tokens"] += len(tokens)
-                stats["n_bytes"] += sum(len(text.encode("utf-8")) for text in batch)
                 bar.update(len(batch))
         if not stats["n_tokens"]:
             raise DataError(f"{_split_word(name)} split is empty: give --val-data or more files")
 
     atomic_write(path, write)
+    if replaced["bytes"]:
+        print(
+            f"{_split_word(name)} split: {replaced['bytes']} bytes of invalid UTF-8 in {len(replaced['files'])} file(s), "
+            f"the first {replaced['first']}, became U+FFFD for the BPE tokenizer (the byte tokenizer keeps every byte)",
+            file=sys.stderr,
+        )
     return stats
 
 

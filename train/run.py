@@ -115,7 +115,7 @@ def start_run(
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
     data, val_data = _absolute(data), _absolute(val_data)
     corpus = split_corpus(data, val_data, config.val_fraction)
-    tokenizer = load_or_train_tokenizer(tokenizer_spec, corpus["train"].documents, config.tokenizer_vocab_size)
+    tokenizer = load_or_train_tokenizer(tokenizer_spec, corpus["train"].clean_documents, config.tokenizer_vocab_size)
     model_config = ModelConfig.from_dict({"vocab_size": padded_vocab_size(tokenizer)} | model_values)
     check_vocab(tokenizer, model_config.vocab_size)
     tokenizer.save(run_dir / "tokenizer.json")

@@ -92,13 +92,14 @@ class Tokenizer:
         return table
 
     def encode(self, text: str) -> list[int]:
+        """Ids for text; the byte tokenizer also takes undecodable bytes carried as lone surrogates (surrogateescape)."""
         if self._backend is None:
-            return list(text.encode("utf-8"))
+            return list(text.encode("utf-8", errors="surrogateescape"))
         return self._backend.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._backend is None:
-            return [list(text.encode("utf-8")) for text in texts]
+            return [list(text.encode("utf-8", errors="surrogateescape")) for text in texts]
         # encode_batch_fast (tokenizers >= 0.20) skips computing offsets, which we never use: about 3x faster
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         return [encoding.ids for encoding in encode(texts)]

@@ -267,3 +267,22 @@ def test_sampler_rejects_a_split_shorter_than_one_window(tmp_path):
         BatchSampler(tmp_path / "empty.bin", "uint16", batch_size=1, seq_len=4, seed=0)
     with pytest.raises(FileNotFoundError, match="run prepare_data"):
         BatchSampler(tmp_path / "missing.bin", "uint16", batch_size=1, seq_len=4, seed=0)
+
+
+def test_invalid_utf8_is_kept_by_the_byte_tokenizer_and_counted_for_bpe(tmp_path, capsys):
+    root = tmp_path / "latin"
+    root.mkdir()
+    raw = b"caf\xe9 cr\xe8me\n" * 20  # Latin-1, not UTF-8
+    (root / "a.txt").write_bytes(raw)
+    (root / "b.txt").write_text("plain text\n" * 40)
+    (root / "c.txt").write_text("more plain text\n" * 40)
+    train_files = [str(root / "b.txt"), str(root / "c.txt")]
+    byte_info = prepare_data(tmp_path / "byte", BYTE, train_files, [str(root / "a.txt")])
+    assert bytes(read_tokens(byte_info.val_path)) == raw  # every byte as it is on disk
+    assert byte_info.meta["splits"]["val"]["n_bytes"] == len(raw)
+    assert "invalid UTF-8" not in capsys.readouterr().err
+    bpe = train_bpe(["plain text caf\ufffd"] * 10, 300)
+    bpe_info = prepare_data(tmp_path / "bpe", bpe, train_files, [str(root / "a.txt")])
+    err = capsys.readouterr().err
+    assert f"validation split: 40 bytes of invalid UTF-8 in 1 file(s), the first {root / 'a.txt'}" in err
+    assert bpe_info.meta["splits"]["val"]["n_bytes"] == len(raw)
