@@ -205,11 +205,12 @@ def measure_dtypes(
 
     start = time.perf_counter()
     candidates = candidate_dtypes(device)
-    # A dtype's first call in a process can pay one-time costs (kernel code paged in, JIT, lazy set-up) that
-    # measure nothing; pay them on a one-row problem before the race, from the same budget.
+    # A dtype's first call in a process can pay one-time costs that measure nothing (kernel code paged in from
+    # disk, JIT, lazy set-up; from milliseconds to a second on a cold machine, and paid by training anyway): pay
+    # them on a one-row problem before the race, whose budget starts after them.
     for dtype in candidates:
         _matmul_work(shapes, dtype, 1, device, training)()
-    reached = race(measure, candidates, rows, first_rows, max(0.0, start + budget_s - time.perf_counter()))
+    reached = race(measure, candidates, rows, first_rows, budget_s)
     rates = {dtype: flops_per_row * level_rows / seconds for dtype, (level_rows, seconds) in reached.items()}
     return rates, {dtype: level_rows for dtype, (level_rows, _) in reached.items()}, time.perf_counter() - start
 
