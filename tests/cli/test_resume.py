@@ -173,3 +173,19 @@ def test_a_half_deleted_or_linked_checkpoint_is_passed_over_and_never_breaks_a_s
     assert main(command + ["--resume", "--set", "train.max_steps=16", "--set", "train.keep_last=1"]) == 0
     assert (elsewhere / "manifest.json").is_file()  # the link's target is never deleted through it
     assert not list(out.glob(".ckpt-*"))  # nothing left half-renamed or half-deleted
+
+
+def test_a_full_disk_during_data_preparation_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import minigrok.train.data as data
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    corpus = write_corpus(tmp_path / "corpus", "full")
+    monkeypatch.setattr(data, "atomic_write", full)
+    command = ["train", "--config", "tiny", "--out", str(tmp_path / "run"), "--data", str(corpus), "--samples", "0"]
+    assert main(command) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minigrok train: error: [Errno 28] No space left on device") and "\n" not in err
