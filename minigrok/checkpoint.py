@@ -70,7 +70,14 @@ def read_json(path: str | Path) -> dict:
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors to safetensors atomically (contiguous copies where needed)."""
     tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as error:  # safetensors reports a full disk as its own error, not an OSError
+            raise OSError(f"could not write {path}: {error}") from error
+
+    atomic_write(path, write)
 
 
 def read_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

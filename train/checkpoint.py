@@ -88,6 +88,24 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) 
     for leftover in [*run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".ckpt-*.deleting")]:  # of saves that crashed
         shutil.rmtree(leftover, ignore_errors=True)
     final, tmp = run_dir / f"ckpt-{step}", run_dir / f".ckpt-{step}.tmp"
+    try:
+        _write_checkpoint(tmp, state, tokenizer)
+    except BaseException as error:  # a full disk or a kill: the half-written copy goes, the earlier checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            kept = checkpoint_dirs(run_dir)
+            kept_note = f"{kept[-1].name} is the newest checkpoint kept" if kept else "no checkpoint was saved yet"
+            raise OSError(
+                f"saving {final} failed ({error}); {kept_note}: free space and resume with --resume"
+            ) from error
+        raise
+    if final.exists() or final.is_symlink():  # the same step saved again (e.g. at the end of a run)
+        _discard(final)
+    tmp.rename(final)
+    return final
+
+
+def _write_checkpoint(tmp: Path, state: dict[str, Any], tokenizer) -> None:
     save_weights(tmp, state["model_config"], state["model"])
     tokenizer.save(tmp / "tokenizer.json")
     tensors, scalars = {}, {}
@@ -100,10 +118,6 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) 
     groups = state["optimizer"]["param_groups"]
     write_json(tmp / STATE_NAME, plain | {"optimizer_param_groups": groups, "optimizer_scalars": scalars})
     write_manifest(tmp, state["model_config"])
-    if final.exists() or final.is_symlink():  # the same step saved again (e.g. at the end of a run)
-        _discard(final)
-    tmp.rename(final)
-    return final
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -406,46 +406,44 @@ class Trainer:
         config = self.config
         self.start_time = time.perf_counter()
         peak = self.log_segment()
-        bar = tqdm(
-            total=config.total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
-        )
         self.model.train()
         window_start, window_tokens = time.perf_counter(), 0
         last_eval = None
-        while not self.done():
-            loss, grad_norm = self.train_step()
-            window_tokens += config.tokens_per_step
-            bar.update(1)
-            if self.step % config.log_every == 0:
-                tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-                record = {
-                    "step": self.step,
-                    "tokens": self.tokens_seen,
-                    "time": self.elapsed(),
-                    "loss": loss,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * self.flops_per_token / peak,
-                }
-                self.log(record)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
-            if self.step % config.eval_every == 0:
-                last_eval = self.run_eval()
-                bar.write(
-                    f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
-                )
-            if self.step % config.ckpt_every == 0 or self.stop_signal is not None:
-                path = self.save_checkpoint()
-            if self.stop_signal is not None:
-                bar.close()
-                raise TrainingStopped(
-                    self.stop_signal,
-                    f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}, saved in {path}; "
-                    f"continue with: minigrok train --out {self.run_dir} --resume",
-                )
-        bar.close()
+        with tqdm(
+            total=config.total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+        ) as bar:  # closed on any exit, so an error starts on its own line
+            while not self.done():
+                loss, grad_norm = self.train_step()
+                window_tokens += config.tokens_per_step
+                bar.update(1)
+                if self.step % config.log_every == 0:
+                    tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+                    record = {
+                        "step": self.step,
+                        "tokens": self.tokens_seen,
+                        "time": self.elapsed(),
+                        "loss": loss,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * self.flops_per_token / peak,
+                    }
+                    self.log(record)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                    window_start, window_tokens = time.perf_counter(), 0
+                if self.step % config.eval_every == 0:
+                    last_eval = self.run_eval()
+                    bar.write(
+                        f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
+                    )
+                if self.step % config.ckpt_every == 0 or self.stop_signal is not None:
+                    path = self.save_checkpoint()
+                if self.stop_signal is not None:
+                    raise TrainingStopped(
+                        self.stop_signal,
+                        f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}, saved in {path}; "
+                        f"continue with: minigrok train --out {self.run_dir} --resume",
+                    )
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()
         if self.step % config.ckpt_every:  # otherwise the loop has just saved this step

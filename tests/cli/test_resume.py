@@ -189,3 +189,26 @@ def test_a_full_disk_during_data_preparation_is_one_line(tmp_path, monkeypatch, 
     assert main(command) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("minigrok train: error: [Errno 28] No space left on device") and "\n" not in err
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(run, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import minigrok.checkpoint as checkpoint
+
+    command, out, _ = run
+
+    def full(tensors, path, metadata=None):  # safetensors' own error for ENOSPC, after part of the file is out
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside the progress bar
+    assert err.startswith("minigrok train: error: saving ") and "No space left on device" in err
+    assert "ckpt-4 is the newest checkpoint kept" in err
+    assert not list(out.glob(".ckpt-*")) and sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-4"]
+    monkeypatch.undo()
+    assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0
+    assert (out / "ckpt-8" / "manifest.json").is_file()
