@@ -98,3 +98,20 @@ def test_a_signal_stops_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path, 
         train(tmp_path / "stopped", corpus, *BUDGET, "--resume")
         assert checkpoint_bytes(tmp_path / "stopped" / "ckpt-200") == checkpoint_bytes(straight / "ckpt-200")
         assert training_log(tmp_path / "stopped") == training_log(straight)
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, corpus, monkeypatch, capsys):
+    from minigrok.cli import main
+    from minigrok.train.trainer import Trainer
+
+    def interrupted_twice(self):  # Ctrl-C pressed twice within one step
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the second SIGINT did not stop the step")
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_twice)
+    out = tmp_path / "run"
+    assert main([*COMMAND, "--data", str(corpus), "--out", str(out), *BUDGET]) == 130
+    assert "minigrok train: stopped at once" in capsys.readouterr().err
+    assert not list(out.glob("ckpt-*")) and not list(out.glob(".ckpt-*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
