@@ -15,55 +15,70 @@ from .checkpoint import WEIGHT_DTYPES, CheckpointError, read_header, read_json, 
 from .config import ConfigError, ModelConfig, show
 from .model import MiniGrok, parameter_shapes
 
-_BLOCK_NORMS = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight"}
+# One table drives both directions. Per block: our tensor and the Llama tensors it is made of, concatenated along
+# dim 0 in this order (export splits, import concatenates).
+BLOCK_NAMES = {
+    "attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.o_proj.weight": ("self_attn.o_proj.weight",),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down_proj.weight": ("mlp.down_proj.weight",),
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "mlp_norm.weight": ("post_attention_layernorm.weight",),
+}
+TOP_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# ModelConfig field -> Llama config.json key.
+CONFIG_NAMES = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "ffn_dim": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+}
+
+
+def _part_rows(config: ModelConfig) -> dict[str, list[int]]:
+    """Rows of each Llama part inside our fused tensors."""
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {"attn.qkv_proj.weight": [q_rows, kv_rows, kv_rows], "mlp.gate_up_proj.weight": [config.ffn_dim] * 2}
 
 
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The Llama config.json fields describing `config`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.dim,
-        "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": config.tie_embeddings,
-        "initializer_range": config.init_std,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    return (
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        | {hf_key: getattr(config, field) for field, hf_key in CONFIG_NAMES.items()}
+        | {
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+    )
 
 
 def export_hf(model: MiniGrok, directory: str | Path) -> None:
     """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads."""
     config, state = model.config, model.state_dict()
-    q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    tensors = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    if not config.tie_embeddings:
-        tensors["lm_head.weight"] = state["lm_head.weight"]
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
+    part_rows = _part_rows(config)
     for layer, block in enumerate(model.schedule):
-        ours, theirs = f"blocks.{block}.", f"model.layers.{layer}."
-        q, k, v = state[ours + "attn.qkv_proj.weight"].split([q_size, kv_size, kv_size])
-        gate, up = state[ours + "mlp.gate_up_proj.weight"].chunk(2)
-        tensors |= {
-            theirs + "self_attn.q_proj.weight": q,
-            theirs + "self_attn.k_proj.weight": k,
-            theirs + "self_attn.v_proj.weight": v,
-            theirs + "self_attn.o_proj.weight": state[ours + "attn.o_proj.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": state[ours + "mlp.down_proj.weight"],
-        }
-        tensors |= {theirs + hf_name: state[ours + name] for name, hf_name in _BLOCK_NORMS.items()}
+        for name, hf_names in BLOCK_NAMES.items():
+            fused = state[f"blocks.{block}.{name}"]
+            parts = fused.split(part_rows.get(name, [fused.shape[0]]))
+            tensors |= {f"model.layers.{layer}.{hf_name}": part for hf_name, part in zip(hf_names, parts, strict=True)}
     # Shared blocks appear at several layers: give each its own storage, as safetensors stores no aliases.
     tensors = {name: t.clone() for name, t in tensors.items()}
     directory = Path(directory)
@@ -97,22 +112,17 @@ def _config_from_hf(hf: object, path: Path) -> ModelConfig:
             raise CheckpointError(f"{path}: {flag}=true is not supported; minigrok's linears have no bias")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act={show(hf['hidden_act'])}; only SwiGLU (silu) MLPs are supported")
-    n_heads = hf["num_attention_heads"]
+    fields = {field: hf[hf_key] for field, hf_key in CONFIG_NAMES.items() if hf.get(hf_key) is not None}
+    if "rope_theta" in rope:  # newer configs keep it only here
+        fields["rope_theta"] = rope["rope_theta"]
+    n_heads = fields["n_heads"]
+    fields.setdefault("n_kv_heads", n_heads)
+    if "head_dim" not in fields and isinstance(n_heads, int) and n_heads:
+        fields["head_dim"] = fields["dim"] // n_heads
+    fields["tie_embeddings"] = bool(fields.get("tie_embeddings", False))  # Llama's defaults, where ours differ
+    fields.setdefault("norm_eps", 1e-6)
     try:
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim")
-            or (hf["hidden_size"] // n_heads if isinstance(n_heads, int) and n_heads else None),
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
+        return ModelConfig(**fields)
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"{path}: {error}") from error
 
@@ -165,19 +175,13 @@ def import_hf(directory: str | Path) -> MiniGrok:
         unused.discard(name)
         return hf[name]
 
-    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if not config.tie_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    state = {name: take(hf_name) for name, hf_name in TOP_NAMES.items() if name not in tied}
     for layer in range(config.n_layers):
-        ours, theirs = f"blocks.{layer}.", f"model.layers.{layer}."
-        attn = [take(theirs + f"self_attn.{p}_proj.weight") for p in "qkv"]
-        state[ours + "attn.qkv_proj.weight"] = torch.cat(attn)
-        state[ours + "attn.o_proj.weight"] = take(theirs + "self_attn.o_proj.weight")
-        state[ours + "mlp.gate_up_proj.weight"] = torch.cat(
-            [take(theirs + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
-        )
-        state[ours + "mlp.down_proj.weight"] = take(theirs + "mlp.down_proj.weight")
-        state |= {ours + name: take(theirs + hf_name) for name, hf_name in _BLOCK_NORMS.items()}
+        for name, hf_names in BLOCK_NAMES.items():
+            state[f"blocks.{layer}.{name}"] = torch.cat(
+                [take(f"model.layers.{layer}.{hf_name}") for hf_name in hf_names]
+            )
     if unused:
         layers = sorted(
             {int(n.split(".")[2]) for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
