@@ -190,7 +190,7 @@ class ModelConfig:
                 f"share={show(self.share)}: choose one of {divisors_of(self.n_layers)}"
             )
 
-    def layer_schedule(self) -> list[int]:
+    def layer_blocks(self) -> list[int]:
         """The physical block used at each logical layer position."""
         repeats = self.n_layers // self.n_unique_layers
         if self.share == "immediate":

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHT_DTYPES, CheckpointError, read_header, read_json, read_tensors, write_json, write_tensors
+from .checkpoint import WEIGHT_DTYPES, CheckpointError, read_header, read_json, read_tensors, write_tensors
 from .config import ConfigError, ModelConfig, show
+from .files import write_json
 from .model import MiniGrok, parameter_shapes
 
 # One table drives both directions. Per block: our tensor and the Llama tensors it is made of, concatenated along
@@ -74,7 +75,7 @@ def export_hf(model: MiniGrok, directory: str | Path) -> None:
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
     part_rows = _part_rows(config)
-    for layer, block in enumerate(model.schedule):
+    for layer, block in enumerate(model.layer_blocks):
         for name, hf_names in BLOCK_NAMES.items():
             fused = state[f"blocks.{block}.{name}"]
             parts = fused.split(part_rows.get(name, [fused.shape[0]]))

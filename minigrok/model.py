@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import functional as F
+from . import functional
 from .config import ModelConfig
 
 
@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual` the pair (norm(x + residual), x + residual) in one pass."""
-        return F.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
+        return functional.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
 
 
 class Attention(nn.Module):
@@ -80,10 +80,10 @@ class Attention(nn.Module):
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = F.apply_rope(q, k, cos, sin, backend=self.backend)
+        q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.attention(q, k, v, causal=True, backend=self.backend)
+        y = functional.attention(q, k, v, causal=True, backend=self.backend)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
 
@@ -98,7 +98,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.swiglu(gate, up, backend=self.backend))
+        return self.down_proj(functional.swiglu(gate, up, backend=self.backend))
 
 
 class Block(nn.Module):
@@ -143,14 +143,14 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class MiniGrok(nn.Module):
-    """The decoder. `blocks` holds the n_unique_layers physical blocks; `schedule[i]` is the block run at layer i."""
+    """The decoder. `blocks` holds the n_unique_layers physical blocks; `layer_blocks[i]` is the block run at layer i."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_unique_layers))
-        self.schedule = config.layer_schedule()
+        self.layer_blocks = config.layer_blocks()
         self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -199,9 +199,9 @@ class MiniGrok(nn.Module):
         start = 0 if cache is None else cache.length
         self.check_input_ids(input_ids, start)
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        cos, sin = F.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(input_ids)
-        for layer, block_index in enumerate(self.schedule):
+        for layer, block_index in enumerate(self.layer_blocks):
             x = self.blocks[block_index](x, cos, sin, cache, layer)
         if cache is not None:
             cache.length += input_ids.shape[1]
@@ -212,7 +212,9 @@ class MiniGrok(nn.Module):
             raise ValueError(f"targets{tuple(targets.shape)} must have the shape of input_ids{tuple(input_ids.shape)}")
         if targets.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"targets must be integer token ids (int64), not {targets.dtype}; -100 marks ignored ones")
-        loss = F.linear_cross_entropy(x.flatten(0, 1), self.head_weight, targets.flatten(), backend=self.config.backend)
+        loss = functional.linear_cross_entropy(
+            x.flatten(0, 1), self.head_weight, targets.flatten(), backend=self.config.backend
+        )
         return ModelOutput(loss=loss)
 
     # -- generation ---------------------------------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Sizes and costs of a model: parameters, FLOPs per token, KV-cache and checkpoint bytes."""
+"""Sizes and costs of a model: parameters, FLOPs per token, KV-cache and checkpoint bytes.
+
+FLOPs per token, with N_matmul the weights that multiply activations (every projection at every layer position,
+and the output head, tied or not), T the context and d_attn = n_heads * head_dim:
+    forward  = 2 * N_matmul + 4 * n_layers * T * d_attn * 1/2    (QK^T and AV; causal: half the keys on average)
+    training = 3 * forward                                      (the backward costs twice the forward)
+MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 @dataclass
 class ModelReport:
-    """Counts follow BENCHMARKING.md: a shared block counts once per position in FLOPs and `total_params`."""
+    """Counts as the module docstring gives them: a shared block counts once per position in FLOPs and `total_params`."""
 
     total_params: int  # parameters as the forward pass sees them: shared blocks once per position
     unique_params: int  # parameters stored: shared blocks and tied tensors once

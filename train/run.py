@@ -15,13 +15,15 @@ from typing import IO, Any
 
 import torch
 
-from minigrok.checkpoint import CheckpointError, read_json, write_json
+from minigrok.checkpoint import CheckpointError, read_json
 from minigrok.config import ConfigError, ModelConfig
+from minigrok.files import write_json
 from minigrok.model import MiniGrok
 
-from . import checkpoint as ckpt_io
+from . import checkpoint
 from .config import TrainConfig
-from .data import DataError, prepare_data, split_corpus
+from .corpus import DataError, split_corpus
+from .data import prepare_data
 from .tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
 from .trainer import Trainer
 
@@ -111,7 +113,7 @@ def start_run(
 ) -> Trainer:
     """A new run in `run_dir`: tokenizer (trained on the corpus, or loaded), token files, the model initialised
     from train.seed (vocab_size follows the tokenizer unless model_values sets it), and the record of its data."""
-    if ckpt_io.checkpoint_dirs(run_dir):
+    if checkpoint.checkpoint_dirs(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
     data, val_data = _absolute(data), _absolute(val_data)
     corpus = split_corpus(data, val_data, config.val_fraction)
@@ -135,7 +137,7 @@ def resume_run(
 ) -> Trainer:
     """The run in `run_dir`, continued from its newest checkpoint: its model, tokenizer and corpus, its train config
     with `train_overrides` applied (each change logged when training starts)."""
-    state = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(run_dir))
+    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir))
     old_config = TrainConfig.from_dict(state["train_config"])
     config = TrainConfig.from_dict(state["train_config"] | train_overrides)
     changes = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minigrok.checkpoint import atomic_write, write_json
+from minigrok.files import atomic_write, write_json
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 TOKENIZER_NAME = "tokenizer.json"

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigrok.checkpoint import CheckpointError, atomic_write
+from minigrok.checkpoint import CheckpointError
+from minigrok.files import atomic_write
 from minigrok.machine import autocast, matmul_peak_flops, resolve_dtype
 from minigrok.model import MiniGrok
 
-from . import checkpoint as ckpt_io
+from . import checkpoint
 from .config import TrainConfig
-from .data import BatchSampler, DataInfo
+from .data import TokenFiles
 from .tokenizer import Tokenizer, check_vocab
 
 LOG_NAME = "log.jsonl"
@@ -94,7 +95,7 @@ def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: 
     """Raise CheckpointError unless `saved` (an optimizer state_dict) fits `optimizer`: the same groups of the same
     parameters, and every moment tensor of its parameter's shape and dtype. A wrong-shaped moment would otherwise
     reach the fused kernel, which reads past the end of it."""
-    where = f"{source}/{ckpt_io.OPTIMIZER_NAME}"
+    where = f"{source}/{checkpoint.OPTIMIZER_NAME}"
     template = optimizer.state_dict()["param_groups"]
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or [g.get("params") for g in groups if isinstance(g, dict)] != [
@@ -184,7 +185,7 @@ class Trainer:
         self,
         model: MiniGrok,
         config: TrainConfig,
-        data: DataInfo,
+        data: TokenFiles,
         tokenizer: Tokenizer,
         run_dir: str | Path,
         progress: bool = True,
@@ -204,8 +205,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.optimizer = build_optimizer(self.model, config)
         self.forward = torch.compile(self.model) if config.compile else self.model
-        self.sampler = BatchSampler(data.train_path, data.dtype, config.batch_size, config.seq_len, config.seed)
-        self.val_tokens = np.memmap(data.val_path, dtype=data.dtype, mode="r")
+        self.sampler = data.sampler("train", config.batch_size, config.seq_len, config.seed)
+        self.val_tokens = data.tokens("val")
         self.progress = progress
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.start_time: float | None = None  # set while train() runs
@@ -252,7 +253,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the run `state` (a state_dict(), e.g. from ckpt_io.load_checkpoint) comes from, checked first.
+        """Continue the run `state` (a state_dict(), e.g. from checkpoint.load_checkpoint) comes from, checked first.
 
         This trainer's config stays in force: a field changed since the checkpoint applies from here on."""
         source = state.get("path", "the checkpoint")
@@ -286,8 +287,8 @@ class Trainer:
             atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def save_checkpoint(self) -> Path:
-        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.tokenizer)
-        ckpt_io.prune(self.run_dir, self.config.keep_last, self.best_step)
+        path = checkpoint.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.tokenizer)
+        checkpoint.prune(self.run_dir, self.config.keep_last, self.best_step)
         return path
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ class Trainer:
             total_loss += loss.detach().float()
         loss_value = total_loss.item()
         if not math.isfinite(loss_value):
-            found = ckpt_io.checkpoint_dirs(self.run_dir)
+            found = checkpoint.checkpoint_dirs(self.run_dir)
             last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"loss is {loss_value} at step {self.step}: training diverged; {last}. "

@@ -1,14 +1,17 @@
 """save_pretrained / from_pretrained: round trips, and clear errors for every kind of damaged checkpoint."""
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from minigrok import MiniGrok, ModelConfig
-from minigrok.checkpoint import CheckpointError, ConfigChangedWarning, atomic_write
+from minigrok.checkpoint import CheckpointError, ConfigChangedWarning
+from minigrok.files import atomic_write
 from minigrok.model import parameter_shapes
 
 CONFIG = dict(vocab_size=97, dim=48, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=80, max_seq_len=32)
@@ -23,7 +26,7 @@ def test_round_trip_keeps_logits_ties_and_sharing(tmp_path, share, tied):
     assert len(stored) == len(model.state_dict())  # each tied/shared tensor stored once
     assert sum(t.numel() for t in stored.values()) == model.report().unique_params
     loaded = MiniGrok.from_pretrained(tmp_path)
-    assert loaded.config == model.config and loaded.schedule == model.schedule
+    assert loaded.config == model.config and loaded.layer_blocks == model.layer_blocks
     ids = torch.randint(0, 97, (2, 12))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     if tied:
@@ -151,3 +154,14 @@ def test_weights_of_an_unexpected_dtype_are_a_clear_error(tmp_path, dtype):
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="tensor 'norm.weight' is (I32|F64) among .*convert the file"):
         MiniGrok.from_pretrained(tmp_path)
+
+
+def test_atomic_writes_get_the_umask_permissions_like_open(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporary file left

@@ -45,7 +45,7 @@ def test_kv_cache_decoding_matches_full_forward(share, n_kv_heads):
 
 
 @pytest.mark.parametrize(
-    "share,n_unique,schedule",
+    "share,n_unique,layer_blocks",
     [
         ("none", 6, [0, 1, 2, 3, 4, 5]),
         ("all", 1, [0, 0, 0, 0, 0, 0]),
@@ -53,12 +53,12 @@ def test_kv_cache_decoding_matches_full_forward(share, n_kv_heads):
         ("cycle", 2, [0, 1, 0, 1, 0, 1]),
     ],
 )
-def test_shared_layers_count_unique_parameters(share, n_unique, schedule):
+def test_shared_layers_count_unique_parameters(share, n_unique, layer_blocks):
     config = small_config(
         n_layers=6, share=share, n_unique_layers=n_unique if share in ("immediate", "cycle") else None
     )
     model = MiniGrok(config)
-    assert model.schedule == schedule and len(model.blocks) == n_unique
+    assert model.layer_blocks == layer_blocks and len(model.blocks) == n_unique
     block = sum(p.numel() for p in model.blocks[0].parameters())
     outside = config.vocab_size * config.dim + config.dim  # tied embedding/head and the final norm
     report = model.report()
@@ -75,13 +75,13 @@ def test_shared_block_gradient_is_the_sum_over_its_positions(share):
     unrolled.load_state_dict(
         {name: tensor for name, tensor in shared.state_dict().items() if not name.startswith("blocks.")}, strict=False
     )
-    for layer, block in enumerate(shared.schedule):
+    for layer, block in enumerate(shared.layer_blocks):
         unrolled.blocks[layer].load_state_dict(shared.blocks[block].state_dict())
     ids = random_ids(shared.config, 2, 16, seed=2)
     shared(ids, targets=ids).loss.backward()
     unrolled(ids, targets=ids).loss.backward()
     for block_index, block in enumerate(shared.blocks):
-        positions = [layer for layer, b in enumerate(shared.schedule) if b == block_index]
+        positions = [layer for layer, b in enumerate(shared.layer_blocks) if b == block_index]
         assert len(positions) > 1
         for name, param in block.named_parameters():
             expected = sum(dict(unrolled.blocks[p].named_parameters())[name].grad for p in positions)

@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigrok.train.data import (
-    BatchSampler,
-    DataError,
-    builtin_corpus_files,
-    discover_corpus,
-    prepare_data,
-    split_by_hash,
-)
+from minigrok.train.corpus import DataError, builtin_corpus_files, discover_corpus, split_by_hash
+from minigrok.train.data import BatchSampler, prepare_data
 from minigrok.train.tokenizer import byte_tokenizer, train_bpe
 
 BYTE = byte_tokenizer()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minigrok import ConfigError, MiniGrok, ModelConfig
-from minigrok.train import checkpoint as ckpt_io
+from minigrok.train import checkpoint
 from minigrok.train.config import TrainConfig
 from minigrok.train.data import prepare_data
 from minigrok.train.tokenizer import VocabMismatchError, byte_tokenizer
@@ -48,7 +48,7 @@ def make_trainer(data, run_dir, resume=False, **train_overrides):
     model = MiniGrok(ModelConfig(**MODEL))
     trainer = Trainer(model, TrainConfig(**values), data, byte_tokenizer(), run_dir, progress=False)
     if resume:
-        trainer.load_state_dict(ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(Path(run_dir))))
+        trainer.load_state_dict(checkpoint.load_checkpoint(checkpoint.latest_checkpoint(Path(run_dir))))
     return trainer
 
 
@@ -101,17 +101,17 @@ def test_resume_is_bit_exact(data, tmp_path, monkeypatch):
 def test_interrupted_checkpoint_write_keeps_the_previous_one(data, tmp_path, monkeypatch):
     trainer = make_trainer(data, tmp_path / "run", max_steps=4)
     trainer.train()
-    assert [p.name for p in ckpt_io.checkpoint_dirs(tmp_path / "run")] == ["ckpt-4"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "run")] == ["ckpt-4"]
 
     def failing_write(path, tensors, metadata=None):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_io, "write_tensors", failing_write)
+    monkeypatch.setattr(checkpoint, "write_tensors", failing_write)
     trainer.config.max_steps = 8
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     monkeypatch.undo()
-    assert [p.name for p in ckpt_io.checkpoint_dirs(tmp_path / "run")] == ["ckpt-4"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "run")] == ["ckpt-4"]
     restored = MiniGrok.from_pretrained(tmp_path / "run" / "ckpt-4")
     assert restored.config == trainer.model.config
     assert make_trainer(data, tmp_path / "run", resume=True).step == 4  # and the run resumes from it
@@ -137,7 +137,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data, tmp_pa
 def test_pruning_keeps_the_best_checkpoint(data, tmp_path):
     trainer = make_trainer(data, tmp_path / "run", max_steps=12, keep_last=1, ckpt_every=2, eval_every=2)
     trainer.train()
-    names = [p.name for p in ckpt_io.checkpoint_dirs(tmp_path / "run")]
+    names = [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "run")]
     assert names[-1] == "ckpt-12" and f"ckpt-{trainer.best_step}" in names and len(names) <= 2
 
 
