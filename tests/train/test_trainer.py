@@ -10,8 +10,9 @@ from minigrok import ConfigError, MiniGrok, ModelConfig
 from minigrok.train import checkpoint
 from minigrok.train.config import TrainConfig
 from minigrok.train.data import prepare_data
+from minigrok.train.optim import lr_at
 from minigrok.train.tokenizer import VocabMismatchError, byte_tokenizer
-from minigrok.train.trainer import Trainer, TrainingDiverged, lr_at
+from minigrok.train.trainer import Trainer, TrainingDiverged
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A small model can learn this sentence by heart, "
