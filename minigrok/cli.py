@@ -5,49 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-from .config import ConfigError, ModelConfig, check_fields, load_yaml, parse_yaml
-
-
-def parse_overrides(pairs: list[str], sections: dict[str, type]) -> dict[str, dict[str, Any]]:
-    """Turn ["model.dim=128", "train.seed=3", "n_layers=4"] into {"model": {"dim": 128}, "train": {"seed": 3}, ...}.
-
-    A key without a section belongs to the first section. Values are parsed as YAML scalars (4, 1e-3, true, null).
-    """
-    first = next(iter(sections))
-    overrides: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r} is not key=value: write e.g. --set {first}.dim=128")
-        section, dot, field = key.rpartition(".")
-        section = section if dot else first
-        if section not in sections:
-            raise ConfigError(f"--set {pair!r}: unknown section {section!r}; use one of {list(sections)}")
-        check_fields(sections[section].__name__, sections[section], {field: None})
-        overrides[section][field] = parse_yaml(value)
-    return overrides
-
-
-def build_model_config(config: str, overrides: list[str]) -> ModelConfig:
-    """ModelConfig from a preset or YAML path with --set overrides applied."""
-    data = load_yaml(config)
-    values = dict(data.get("model", data)) | parse_overrides(overrides, {"model": ModelConfig})["model"]
-    return ModelConfig.from_dict(values)
-
-
-def build_run_configs(config: str, overrides: list[str]):
-    """(model field values, TrainConfig, the --set overrides by section) from a preset or YAML path."""
-    from .train.config import TrainConfig
-
-    data = load_yaml(config)
-    for section in data:
-        if section not in ("model", "train"):
-            raise ConfigError(f"config {config!r} has an unknown section {section!r}: only 'model' and 'train' exist")
-    parsed = parse_overrides(overrides, {"model": ModelConfig, "train": TrainConfig})
-    train_config = TrainConfig.from_dict(dict(data.get("train") or {}) | parsed["train"])
-    return dict(data.get("model") or {}) | parsed["model"], train_config, parsed
+from .config import ConfigError, build_model_config
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -149,6 +108,7 @@ def stream_text(model, tokenizer, prompt: str, dtype: str, **sampling) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .train.config import build_run_configs
     from .train.run import RunLock, resume_run, start_run
 
     model_values, train_config, overrides = build_run_configs(args.config, args.set)

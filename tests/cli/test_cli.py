@@ -34,7 +34,7 @@ def test_bad_arguments_exit_2_with_the_fix(capsys, argv, message):
 
 
 def test_overrides_read_numbers_in_exponent_form():
-    from minigrok.cli import build_run_configs
+    from minigrok.train.config import build_run_configs
 
     _, train, overrides = build_run_configs("tiny", ["train.lr=6e-3", "train.max_tokens=1e6", "model.norm_eps=1e-6"])
     assert train.lr == 0.006 and train.max_tokens == 1_000_000 and isinstance(train.max_tokens, int)
