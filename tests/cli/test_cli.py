@@ -1,6 +1,8 @@
 """The `minigrok` command line, run in-process and as the installed console script."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import torch
 
 from minigrok import MiniGrok, ModelConfig
 from minigrok.cli import main
+from minigrok.train.config import RUN_SECTIONS
 
 
 def test_info_reports_a_preset_with_overrides(capsys):
@@ -33,12 +36,20 @@ def test_bad_arguments_exit_2_with_the_fix(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_overrides_read_numbers_in_exponent_form():
-    from minigrok.train.config import build_run_configs
-
-    _, train, overrides = build_run_configs("tiny", ["train.lr=6e-3", "train.max_tokens=1e6", "model.norm_eps=1e-6"])
-    assert train.lr == 0.006 and train.max_tokens == 1_000_000 and isinstance(train.max_tokens, int)
-    assert overrides["model"] == {"norm_eps": 1e-6}
+@pytest.mark.parametrize(
+    "argv,sections", [(["info"], ["model"]), (["bench", "train"], ["model"]), (["train"], ["model", "train"])]
+)
+def test_help_config_lists_every_field_with_its_default_and_meaning(capsys, argv, sections):
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--help-config"])
+    assert exit.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    fields = [f"{section}.{field.name}" for section in sections for field in dataclasses.fields(RUN_SECTIONS[section])]
+    assert [line.split()[0] for line in lines] == fields
+    assert all(len(line.split(maxsplit=2)) == 3 for line in lines)  # name, default and a meaning on each line
+    assert re.search(r"^model\.n_kv_heads +null +key/value heads", "\n".join(lines), re.MULTILINE)
+    if "train" in sections:
+        assert re.search(r"^train\.lr +0\.003 +peak learning rate$", "\n".join(lines), re.MULTILINE)
 
 
 def test_hf_round_trip_through_the_cli(tmp_path, capsys):
