@@ -7,6 +7,15 @@ from pathlib import Path
 
 from .arguments import add_config_arguments, add_dtype_argument, add_machine_arguments, int_list
 
+# What each op of `bench kernels` sweeps: attention takes them as --seq-lens, every other op as --sizes.
+SWEPT = {
+    "attention": "sequence lengths",
+    "rms_norm": "hidden sizes",
+    "rope": "hidden sizes",
+    "swiglu": "hidden sizes",
+    "linear_cross_entropy": "vocab sizes",
+}
+
 
 def set_threads(threads: int | None) -> None:
     """Apply --threads (None keeps torch's choice)."""
@@ -61,16 +70,16 @@ def run_bench_train(args: argparse.Namespace) -> None:
 
 
 def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("op", choices=["attention", "rms_norm", "rope", "swiglu", "linear_cross_entropy"])
+    parser.add_argument("op", choices=list(SWEPT))
     add_machine_arguments(parser, default_device=None)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp32 CPU, bf16 GPU")
     parser.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="a tiny sweep (for tests)")
+    parser.add_argument("--seq-lens", type=int_list, help="attention: the swept sequence lengths, e.g. 1024,4096")
     parser.add_argument(
         "--sizes",
-        "--seq-lens",
         type=int_list,
-        help="swept values: sequence lengths (attention), hidden sizes (rms_norm, rope, swiglu), vocab sizes (linear_cross_entropy)",
+        help="the swept sizes of the other ops: hidden sizes (rms_norm, rope, swiglu), vocab sizes (linear_cross_entropy)",
     )
     parser.add_argument("--rows", type=int, help="fixed rows or tokens (rms_norm, rope, swiglu, linear_cross_entropy)")
     parser.add_argument("--hidden", type=int, help="fixed hidden size (linear_cross_entropy)")
@@ -85,12 +94,22 @@ def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", help="write <op>.json, <op>.csv and <op>.png here")
 
 
+def swept_sizes(args: argparse.Namespace) -> list[int] | None:
+    """The values the op sweeps: --seq-lens for attention, --sizes for the others; the other flag is refused."""
+    right, wrong = ("--seq-lens", "--sizes") if args.op == "attention" else ("--sizes", "--seq-lens")
+    values = {"--seq-lens": args.seq_lens, "--sizes": args.sizes}
+    if values[wrong] is not None:
+        raise ValueError(f"{wrong} does not apply to {args.op}, which sweeps {SWEPT[args.op]}: give them with {right}")
+    return values[right]
+
+
 def run_bench_kernels(args: argparse.Namespace) -> None:
     """Time the op, print the table and write the files asked for; on CPU the Triton kernels run interpreted."""
     import os
 
     import torch
 
+    sizes = swept_sizes(args)
     set_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -100,7 +119,8 @@ def run_bench_kernels(args: argparse.Namespace) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from ..bench import bench_kernels, format_table, plot_rows, write_csv, write_json
 
-    options = {name: getattr(args, name) for name in ("sizes", "rows", "hidden", "head_dims", "gqa", "causal")}
+    options = {name: getattr(args, name) for name in ("rows", "hidden", "head_dims", "gqa", "causal")}
+    options["sizes"] = sizes
     rows = bench_kernels(
         args.op,
         device,

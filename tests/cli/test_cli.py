@@ -105,3 +105,38 @@ def test_bench_train_auto_reports_the_choice_and_every_candidate(tmp_path, capsy
 def test_info_answers_from_arithmetic_whatever_the_size(capsys):
     assert main(["info", "--config", "tiny", "--set", "n_layers=1000000"]) == 0
     assert "total parameters" in capsys.readouterr().out
+
+
+def test_bench_kernels_sweeps_attention_over_seq_lens(tmp_path):
+    argv = ["bench", "kernels", "attention", "--quick", "--device", "cpu", "--mode", "fwd", "--providers", "ours-torch"]
+    assert (
+        main([*argv, "--causal", "on", "--repeats", "1", "--seq-lens", "24,40", "--json", str(tmp_path / "r.json")])
+        == 0
+    )
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(row["x_name"], row["x"]) for row in rows] == [("seq_len", 24), ("seq_len", 40)]
+
+
+@pytest.mark.parametrize(
+    "op,flag,message",
+    [
+        (
+            "attention",
+            "--sizes",
+            "--sizes does not apply to attention, which sweeps sequence lengths: give them with --seq-lens",
+        ),
+        (
+            "rms_norm",
+            "--seq-lens",
+            "--seq-lens does not apply to rms_norm, which sweeps hidden sizes: give them with --sizes",
+        ),
+        (
+            "linear_cross_entropy",
+            "--seq-lens",
+            "linear_cross_entropy, which sweeps vocab sizes: give them with --sizes",
+        ),
+    ],
+)
+def test_bench_kernels_refuses_the_other_ops_size_flag(capsys, op, flag, message):
+    assert main(["bench", "kernels", op, flag, "64", "--quick", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
