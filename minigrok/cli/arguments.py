@@ -35,7 +35,9 @@ class HelpConfig(argparse.Action):
 
         sections = {"model": ModelConfig}
         if self.training:
-            from ..train.config import RUN_SECTIONS as sections
+            from ..train.config import RUN_SECTIONS
+
+            sections = RUN_SECTIONS
         print(describe_fields(sections))
         parser.exit()
 

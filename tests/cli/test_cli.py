@@ -52,6 +52,12 @@ def test_help_config_lists_every_field_with_its_default_and_meaning(capsys, argv
         assert re.search(r"^train\.lr +0\.003 +peak learning rate$", "\n".join(lines), re.MULTILINE)
 
 
+def test_a_benchmark_device_is_cpu_or_cuda(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "train", "--device", "mps"])
+    assert exit.value.code == 2 and "'mps' is not a device: use cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_hf_round_trip_through_the_cli(tmp_path, capsys):
     pytest.importorskip("transformers", reason="the HF round trip is checked against transformers (dev extra)")
     torch.manual_seed(0)
