@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import itertools
 import math
 import re
 import reprlib
+import textwrap
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -55,6 +59,38 @@ def check_fields(owner: str, cls: type, values: dict[str, Any]) -> None:
             raise _unknown_key_error(owner, key, known)
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's meaning: the string literal right under the field in the class source (litgpt's convention)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        field.target.id: doc.value.value.strip()
+        for field, doc in itertools.pairwise(body)
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
+
+
+def _as_yaml(value: Any) -> str:
+    """A default as it would be written after --set (null, true, 0.003)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+def describe_fields(sections: dict[str, type]) -> str:
+    """One aligned line per field, `section.field  default  meaning`: the listing of --help-config."""
+    rows = []
+    for section, cls in sections.items():
+        docs = field_docs(cls)
+        for field in dataclasses.fields(cls):
+            default = "required" if field.default is dataclasses.MISSING else _as_yaml(field.default)
+            rows.append((f"{section}.{field.name}", default, docs.get(field.name, "")))
+    name_width, default_width = (max(len(row[column]) for row in rows) for column in (0, 1))
+    return "\n".join(f"{name:<{name_width}}  {default:<{default_width}}  {meaning}" for name, default, meaning in rows)
+
+
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads 3e-4 and 1e5 as numbers (YAML 1.1 wants a dot in the mantissa: 3.0e-4)."""
 
@@ -100,32 +136,63 @@ def load_yaml(path_or_preset: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_overrides(pairs: list[str], sections: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """Turn ["model.dim=128", "train.seed=3", "n_layers=4"] into {"model": {"dim": 128}, "train": {"seed": 3}, ...}.
+
+    A key without a section belongs to the first section. Values are parsed as YAML scalars (4, 1e-3, true, null).
+    """
+    first = next(iter(sections))
+    overrides: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r} is not key=value: write e.g. --set {first}.dim=128")
+        section, dot, field = key.rpartition(".")
+        section = section if dot else first
+        if section not in sections:
+            raise ConfigError(f"--set {pair!r}: unknown section {section!r}; use one of {list(sections)}")
+        check_fields(sections[section].__name__, sections[section], {field: None})
+        overrides[section][field] = parse_yaml(value)
+    return overrides
+
+
 @dataclass
 class ModelConfig:
-    """Shape of a decoder-only transformer. `None` fields are derived in __post_init__ and stored resolved.
+    """Shape of a decoder-only transformer. `None` (null) fields are derived in __post_init__ and stored resolved.
 
-    n_kv_heads: key/value heads (None = n_heads, MHA; 1 = MQA). head_dim: None = dim // n_heads.
-    ffn_dim: None = 8/3 * dim rounded up to a multiple of 64 (SwiGLU keeps the MLP's parameters at 8 d^2).
-    share: how logical layers map to the n_unique_layers physical blocks: "none", "all" (one block),
-    "immediate" (0,0,1,1,..: each block repeated in place) or "cycle" (0,1,..,0,1,..).
-    backend: which implementation of the ops runs ("auto" = Triton on CUDA when installed, else PyTorch).
+    Each field's docstring is its meaning in `--help-config` (read by field_docs).
     """
 
     vocab_size: int
+    """rows of the token embedding and of the output head (training follows the tokenizer unless set)"""
     dim: int
+    """width of the residual stream"""
     n_layers: int
+    """logical transformer blocks, applied in order"""
     n_heads: int
+    """query heads per attention layer"""
     n_kv_heads: int | None = None
+    """key/value heads, a divisor of n_heads (null = n_heads, MHA; 1 = MQA)"""
     head_dim: int | None = None
+    """channels per head, even for RoPE (null = dim // n_heads)"""
     ffn_dim: int | None = None
+    """hidden width of the SwiGLU MLP (null = 8/3 * dim rounded up to a multiple of 64)"""
     max_seq_len: int = 2048
+    """longest sequence the model accepts, prompt and generated tokens together"""
     rope_theta: float = 10000.0
+    """base of the RoPE frequencies"""
     norm_eps: float = 1e-5
+    """epsilon added to the mean square in RMSNorm"""
     tie_embeddings: bool = True
+    """the output head reuses the token embedding's weights"""
     share: str = "none"
+    """logical layers to physical blocks: none, all (one block), immediate (0,0,1,1,..) or cycle (0,1,..,0,1,..)"""
     n_unique_layers: int | None = None
+    """physical blocks behind the n_layers positions (null = n_layers for none, 1 for all, else n_layers // 2)"""
     init_std: float = 0.02
+    """standard deviation of the normal weight init (residual projections scaled by 1/sqrt(2 * n_layers))"""
     backend: str = "auto"
+    """implementation of the ops: auto (Triton on CUDA when installed, else PyTorch), torch or triton"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -213,3 +280,10 @@ class ModelConfig:
         """Build from a preset name (see configs/) or a YAML file; reads its `model` section."""
         data = load_yaml(path_or_preset)
         return cls.from_dict(data.get("model", data))
+
+
+def build_model_config(config: str, overrides: list[str]) -> ModelConfig:
+    """ModelConfig from a preset or YAML path (its `model` section) with --set overrides applied."""
+    data = load_yaml(config)
+    values = dict(data.get("model", data)) | parse_overrides(overrides, {"model": ModelConfig})["model"]
+    return ModelConfig.from_dict(values)

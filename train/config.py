@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from minigrok.config import ConfigError, check_fields, show
+from minigrok.config import ConfigError, ModelConfig, check_fields, load_yaml, parse_overrides, show
 from minigrok.machine import TORCH_DTYPES
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -17,40 +17,63 @@ DTYPES = ("auto", *TORCH_DTYPES)
 class TrainConfig:
     """Batch, budget, optimizer, precision and bookkeeping of a run.
 
-    The budget is max_steps, max_tokens or max_minutes (the first reached ends the run; at least one is needed).
-    schedule: "cosine" decays to min_lr_ratio * lr after warmup; "wsd" (warmup-stable-decay) holds lr and decays
-    linearly over the last decay_fraction of the budget; "constant" holds it.
-    dtype: "auto" times fp32 against bf16 autocast (and fp16 on CUDA) on the model's matmuls at start, in under a
-    second, and trains in the fastest; fp32 / bf16 / fp16 force one.
+    Each field's docstring is its meaning in `--help-config` (read by minigrok.config.field_docs).
     """
 
     batch_size: int = 16
+    """sequences per micro-batch"""
     seq_len: int = 256
+    """tokens per training sequence"""
     grad_accum: int = 1
+    """micro-batches accumulated into each optimizer step"""
     max_steps: int | None = None
+    """budget in optimizer steps (the first budget reached ends the run; at least one is needed)"""
     max_tokens: int | None = None
+    """budget in training tokens"""
     max_minutes: float | None = None
+    """budget in minutes of wall-clock time"""
     lr: float = 3e-3
+    """peak learning rate"""
     min_lr_ratio: float = 0.1
+    """final learning rate of cosine and wsd, as a fraction of lr"""
     warmup_steps: int = 50
+    """steps of linear warmup up to lr"""
     schedule: str = "cosine"
+    """cosine (decays to min_lr_ratio * lr), wsd (holds lr, then decays over decay_fraction) or constant"""
     decay_fraction: float = 0.2
+    """share of the budget over which wsd decays, at its end"""
     weight_decay: float = 0.1
+    """AdamW weight decay of the matrices (norm gains never decay; 0 turns it off)"""
     beta1: float = 0.9
+    """AdamW decay rate of the gradient's running mean"""
     beta2: float = 0.95
+    """AdamW decay rate of the squared gradient's running mean"""
     grad_clip: float = 1.0
+    """largest global gradient norm (0 turns clipping off)"""
     dtype: str = "auto"
+    """matmul precision: auto (the fastest here, timed at start in under a second), fp32, bf16 or fp16"""
     compile: bool = False
+    """wrap the model in torch.compile"""
     eval_every: int = 100
+    """steps between validation evaluations"""
     eval_tokens: int = 65536
+    """validation tokens scored at each evaluation"""
     log_every: int = 10
+    """steps between lines of log.jsonl"""
     ckpt_every: int = 200
+    """steps between checkpoints"""
     keep_last: int = 2
+    """newest checkpoints kept in the run directory (the best one is kept too)"""
     seed: int = 0
+    """seed of the initial weights and of the batch order"""
     device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
     tokenizer_vocab_size: int = 4096
+    """vocabulary of the BPE tokenizer trained on the data (fixed once the run starts)"""
     val_fraction: float = 0.05
+    """share of the corpus held out for validation when no --val-data is given (fixed once the run starts)"""
     peak_flops: float | None = None
+    """matmul peak in FLOP/s behind MFU (null = measured on this machine)"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens", "log_every", "ckpt_every"):
@@ -110,3 +133,19 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         check_fields("TrainConfig", cls, values)
         return cls(**values)
+
+
+RUN_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def build_run_configs(
+    config: str, overrides: list[str]
+) -> tuple[dict[str, Any], TrainConfig, dict[str, dict[str, Any]]]:
+    """(model field values, TrainConfig, the --set overrides by section) from a preset or YAML path."""
+    data = load_yaml(config)
+    for section in data:
+        if section not in RUN_SECTIONS:
+            raise ConfigError(f"config {config!r} has an unknown section {section!r}: only 'model' and 'train' exist")
+    parsed = parse_overrides(overrides, RUN_SECTIONS)
+    train_config = TrainConfig.from_dict(dict(data.get("train") or {}) | parsed["train"])
+    return dict(data.get("model") or {}) | parsed["model"], train_config, parsed

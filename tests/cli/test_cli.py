@@ -1,6 +1,8 @@
 """The `minigrok` command line, run in-process and as the installed console script."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import torch
 
 from minigrok import MiniGrok, ModelConfig
 from minigrok.cli import main
+from minigrok.train.config import RUN_SECTIONS
 
 
 def test_info_reports_a_preset_with_overrides(capsys):
@@ -33,12 +36,26 @@ def test_bad_arguments_exit_2_with_the_fix(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_overrides_read_numbers_in_exponent_form():
-    from minigrok.cli import build_run_configs
+@pytest.mark.parametrize(
+    "argv,sections", [(["info"], ["model"]), (["bench", "train"], ["model"]), (["train"], ["model", "train"])]
+)
+def test_help_config_lists_every_field_with_its_default_and_meaning(capsys, argv, sections):
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--help-config"])
+    assert exit.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    fields = [f"{section}.{field.name}" for section in sections for field in dataclasses.fields(RUN_SECTIONS[section])]
+    assert [line.split()[0] for line in lines] == fields
+    assert all(len(line.split(maxsplit=2)) == 3 for line in lines)  # name, default and a meaning on each line
+    assert re.search(r"^model\.n_kv_heads +null +key/value heads", "\n".join(lines), re.MULTILINE)
+    if "train" in sections:
+        assert re.search(r"^train\.lr +0\.003 +peak learning rate$", "\n".join(lines), re.MULTILINE)
 
-    _, train, overrides = build_run_configs("tiny", ["train.lr=6e-3", "train.max_tokens=1e6", "model.norm_eps=1e-6"])
-    assert train.lr == 0.006 and train.max_tokens == 1_000_000 and isinstance(train.max_tokens, int)
-    assert overrides["model"] == {"norm_eps": 1e-6}
+
+def test_a_benchmark_device_is_cpu_or_cuda(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "train", "--device", "mps"])
+    assert exit.value.code == 2 and "'mps' is not a device: use cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_hf_round_trip_through_the_cli(tmp_path, capsys):
@@ -94,3 +111,38 @@ def test_bench_train_auto_reports_the_choice_and_every_candidate(tmp_path, capsy
 def test_info_answers_from_arithmetic_whatever_the_size(capsys):
     assert main(["info", "--config", "tiny", "--set", "n_layers=1000000"]) == 0
     assert "total parameters" in capsys.readouterr().out
+
+
+def test_bench_kernels_sweeps_attention_over_seq_lens(tmp_path):
+    argv = ["bench", "kernels", "attention", "--quick", "--device", "cpu", "--mode", "fwd", "--providers", "ours-torch"]
+    assert (
+        main([*argv, "--causal", "on", "--repeats", "1", "--seq-lens", "24,40", "--json", str(tmp_path / "r.json")])
+        == 0
+    )
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(row["x_name"], row["x"]) for row in rows] == [("seq_len", 24), ("seq_len", 40)]
+
+
+@pytest.mark.parametrize(
+    "op,flag,message",
+    [
+        (
+            "attention",
+            "--sizes",
+            "--sizes does not apply to attention, which sweeps sequence lengths: give them with --seq-lens",
+        ),
+        (
+            "rms_norm",
+            "--seq-lens",
+            "--seq-lens does not apply to rms_norm, which sweeps hidden sizes: give them with --sizes",
+        ),
+        (
+            "linear_cross_entropy",
+            "--seq-lens",
+            "linear_cross_entropy, which sweeps vocab sizes: give them with --sizes",
+        ),
+    ],
+)
+def test_bench_kernels_refuses_the_other_ops_size_flag(capsys, op, flag, message):
+    assert main(["bench", "kernels", op, flag, "64", "--quick", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err

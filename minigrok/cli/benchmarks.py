@@ -1,0 +1,148 @@
+"""`minigrok bench train` and `bench kernels`: training throughput against baselines, and one op across shapes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .arguments import add_config_arguments, add_dtype_argument, add_machine_arguments, int_list
+
+# What each op of `bench kernels` sweeps: attention takes them as --seq-lens, every other op as --sizes.
+SWEPT = {
+    "attention": "sequence lengths",
+    "rms_norm": "hidden sizes",
+    "rope": "hidden sizes",
+    "swiglu": "hidden sizes",
+    "linear_cross_entropy": "vocab sizes",
+}
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads (None keeps torch's choice)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    add_dtype_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    add_machine_arguments(parser, default_device="cpu")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        choices=["hf", "naive-loss"],
+        default=[],
+        help="baselines: transformers' LlamaForCausalLM; our model with full logits + F.cross_entropy",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+
+
+def run_bench_train(args: argparse.Namespace) -> None:
+    """Print every figure of bench_train, and write them to --json."""
+    import json
+
+    from ..bench import bench_train
+    from ..config import build_model_config
+
+    set_threads(args.threads)
+    config = build_model_config(args.config, args.set)
+    result = bench_train(
+        config,
+        args.batch_size,
+        args.seq_len,
+        args.dtype,
+        steps=args.steps,
+        compare=tuple(args.compare),
+        device=args.device,
+        compile=args.compile,
+    )
+    for key, value in result.items():
+        print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("op", choices=list(SWEPT))
+    add_machine_arguments(parser, default_device=None)
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp32 CPU, bf16 GPU")
+    parser.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="a tiny sweep (for tests)")
+    parser.add_argument("--seq-lens", type=int_list, help="attention: the swept sequence lengths, e.g. 1024,4096")
+    parser.add_argument(
+        "--sizes",
+        type=int_list,
+        help="the swept sizes of the other ops: hidden sizes (rms_norm, rope, swiglu), vocab sizes (linear_cross_entropy)",
+    )
+    parser.add_argument("--rows", type=int, help="fixed rows or tokens (rms_norm, rope, swiglu, linear_cross_entropy)")
+    parser.add_argument("--hidden", type=int, help="fixed hidden size (linear_cross_entropy)")
+    parser.add_argument("--head-dims", type=int_list, help="attention head dims, e.g. 64,128")
+    parser.add_argument("--gqa", type=int_list, help="attention query heads per KV head, e.g. 1,4,16")
+    parser.add_argument("--causal", choices=["both", "on", "off"], default=None, help="attention masks (default: both)")
+    parser.add_argument("--providers", type=lambda text: text.split(","), help="comma-separated subset to run")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row on CPU (GPU: do_bench decides)")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--csv", help="write the rows to this CSV file")
+    parser.add_argument("--plot", help="write a PNG of throughput (or time and peak memory) against the swept size")
+    parser.add_argument("--out-dir", help="write <op>.json, <op>.csv and <op>.png here")
+
+
+def swept_sizes(args: argparse.Namespace) -> list[int] | None:
+    """The values the op sweeps: --seq-lens for attention, --sizes for the others; the other flag is refused."""
+    right, wrong = ("--seq-lens", "--sizes") if args.op == "attention" else ("--sizes", "--seq-lens")
+    values = {"--seq-lens": args.seq_lens, "--sizes": args.sizes}
+    if values[wrong] is not None:
+        raise ValueError(f"{wrong} does not apply to {args.op}, which sweeps {SWEPT[args.op]}: give them with {right}")
+    return values[right]
+
+
+def run_bench_kernels(args: argparse.Namespace) -> None:
+    """Time the op, print the table and write the files asked for; on CPU the Triton kernels run interpreted."""
+    import os
+
+    import torch
+
+    sizes = swept_sizes(args)
+    set_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    if device == "cpu":
+        # Triton reads this when a kernel is defined, so it must be set before anything imports minigrok.kernels.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from ..bench import bench_kernels, format_table, plot_rows, write_csv, write_json
+
+    options = {name: getattr(args, name) for name in ("rows", "hidden", "head_dims", "gqa", "causal")}
+    options["sizes"] = sizes
+    rows = bench_kernels(
+        args.op,
+        device,
+        args.dtype or ("fp32" if device == "cpu" else "bf16"),
+        args.mode,
+        args.quick,
+        args.providers,
+        args.repeats,
+        progress=True,
+        **{name: value for name, value in options.items() if value is not None},
+    )
+    print(format_table(rows))
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    json_path = args.json or (out_dir and out_dir / f"{args.op}.json")
+    csv_path = args.csv or (out_dir and out_dir / f"{args.op}.csv")
+    plot_path = args.plot or (out_dir and out_dir / f"{args.op}.png")
+    if json_path:
+        write_json(rows, json_path)
+    if csv_path:
+        write_csv(rows, csv_path)
+    if plot_path:
+        plot_rows(rows, plot_path)
+    for path in (json_path, csv_path, plot_path):
+        if path:
+            print(f"wrote {path}")

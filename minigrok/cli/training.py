@@ -1,0 +1,90 @@
+"""`minigrok train` and `plot`: a run from a preset and a corpus (fresh or resumed), then its curves."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import ConfigError
+from .arguments import add_config_arguments
+from .inference import inference_dtype, stream_text
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, training=True)
+    parser.add_argument(
+        "--data", nargs="+", help="training corpus: files, directories, globs, .jsonl (default: built-in)"
+    )
+    parser.add_argument("--val-data", nargs="+", help="validation corpus (default: held out from --data by file hash)")
+    parser.add_argument("--tokenizer", default="bpe", help="bpe (trained on the data), byte, or a tokenizer.json path")
+    parser.add_argument("--out", help="run directory (default: runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--new-data",
+        action="store_true",
+        help="with --resume: continue on the corpus --data names (or on the run's changed files) on purpose, logged",
+    )
+    parser.add_argument("--samples", type=int, default=3, help="samples printed after training")
+    parser.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Start or resume the run in --out, holding its lock, then train and sample."""
+    from ..train.config import build_run_configs
+    from ..train.run import RunLock, resume_run, start_run
+
+    model_values, train_config, overrides = build_run_configs(args.config, args.set)
+    run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.resume and overrides["model"]:
+        raise ConfigError(
+            f"--resume keeps the checkpoint's model; drop the model overrides {sorted(overrides['model'])}"
+        )
+    if args.new_data and not args.resume:
+        raise ValueError("--new-data continues a run on another corpus: it needs --resume")
+    with RunLock(run_dir):
+        if args.resume:
+            trainer = resume_run(run_dir, overrides["train"], args.data, args.val_data, args.new_data)
+        else:
+            if "vocab_size" not in overrides["model"]:  # the preset's is a placeholder: follow the tokenizer
+                model_values.pop("vocab_size", None)
+            trainer = start_run(run_dir, model_values, train_config, args.data, args.val_data, args.tokenizer)
+        train_and_sample(trainer, args)
+
+
+def train_and_sample(trainer, args: argparse.Namespace) -> None:
+    """Train to the end of the budget, then print the final figures and args.samples samples."""
+    data, model, tokenizer, train_config = trainer.data, trainer.model, trainer.tokenizer, trainer.config
+    print(
+        f"data: {data.meta['splits']['train']['n_tokens']:,} train / {data.meta['splits']['val']['n_tokens']:,} val tokens"
+    )
+    print(model.report(context=train_config.seq_len))
+    final = trainer.train()
+    print(
+        f"step {final['step']}: val loss {final['val_loss']:.4f}, val {final['val_bpb']:.4f} bits/byte; "
+        f"run in {trainer.run_dir}"
+    )
+    model.eval().cpu()
+    dtype = inference_dtype("auto", model, rows=1) if args.samples else "fp32"
+    for index in range(args.samples):
+        print(f"--- sample {index + 1} ---")
+        stream_text(
+            model,
+            tokenizer,
+            "",
+            dtype,
+            max_new_tokens=args.sample_tokens,
+            temperature=0.8,
+            top_k=40,
+            seed=train_config.seed + index,
+        )
+
+
+def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run directories (each with log.jsonl)")
+    parser.add_argument("--out", default=None, help="PNG path (default: <first run>/curves.png)")
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    from ..train.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
