@@ -64,6 +64,15 @@ def run_bench_train(args: argparse.Namespace) -> None:
     )
     for key, value in result.items():
         print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+    unstable = [
+        key.removesuffix("step_stable").rstrip("_") or "ours"
+        for key, value in result.items()
+        if key.endswith("step_stable") and value is False
+    ]
+    if unstable:
+        print(
+            f"step times of {', '.join(unstable)} are unstable: rerun with --threads 1 and more --steps, on a quiet machine"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
