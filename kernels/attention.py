@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._common import INTERPRET, check_dtype
+
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -21,7 +20,7 @@ _GPU_CONFIGS = ((32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), 
 
 def _configs() -> list[triton.Config]:
     # The CPU interpreter cannot benchmark, so it gets exactly one config.
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_CONFIGS]
 
@@ -244,43 +243,14 @@ def _attn_bwd_dq_kernel(
     _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, rows, stride_dqt, T_Q, dims, stride_dqd, HEAD_DIM)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4 or 0 in t.shape:
-            raise ValueError(
-                f"{name} must be a non-empty 4-D tensor [batch, heads, seq, head_dim], got shape {tuple(t.shape)}"
-            )
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}.dtype={t.dtype} is not supported; cast q, k, v to one of {_DTYPES}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to the same dtype"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with .to()")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(
-            f"q is on {q.device}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"
-        )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k{tuple(k.shape)} and v{tuple(v.shape)}")
-    (batch, n_heads, q_len, head_dim), (kv_batch, n_kv_heads, kv_len, kv_head_dim) = q.shape, k.shape
-    if kv_batch != batch:
-        raise ValueError(f"k/v batch size {kv_batch} differs from q batch size {batch}; pass matching batches")
-    if kv_head_dim != head_dim:
-        raise ValueError(f"k/v head_dim {kv_head_dim} differs from q head_dim {head_dim}; project them to one head_dim")
-    if n_heads % n_kv_heads:
-        raise ValueError(
-            f"q has {n_heads} heads, not a multiple of the {n_kv_heads} k/v heads; use a divisor of {n_heads}"
-        )
-    if q_len > kv_len:
-        raise ValueError(
-            f"q length {q_len} exceeds k/v length {kv_len}; queries align to the last keys, so pass >= {q_len} keys"
-        )
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The kernel's own limits (dtypes, head dims); minigrok.functional.attention checks the arguments themselves."""
+    assert q.dim() == k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0], "flash_attention: shapes"
+    assert q.shape[3] == k.shape[3] and q.shape[1] % k.shape[1] == 0 and q.device == k.device == v.device
+    check_dtype("flash_attention", q, k, v)
+    head_dim = q.shape[-1]
     if not 16 <= head_dim <= 256 or head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} is not supported; use an even head_dim between 16 and 256")
-    if window is not None and window < 1:
-        raise ValueError(f"window={window} must be >= 1; use window=None for no sliding window")
+        raise ValueError(f"flash_attention: head_dim={head_dim} is not supported; use an even head_dim in [16, 256]")
 
 
 def _softmax_scale(q: torch.Tensor, scale: float | None) -> float:
@@ -303,7 +273,7 @@ def _kernel_args(q: torch.Tensor, kv_len: int, causal: bool, scale: float | None
 
 def _attention_forward(q, k, v, causal, scale, window, out=None):
     """Launch the forward kernel; returns (out, lse) with lse in base 2."""
-    _check_inputs(q, k, v, window)
+    _check_inputs(q, k, v)
     batch, n_heads, q_len, _ = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     if out is None:

@@ -6,8 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_BLOCK = 65536  # one row lives in registers; wider rows would spill
+from ._common import MAX_ROW_BLOCK, as_rows, check_dtype, row_settings
 
 
 @triton.jit
@@ -63,20 +62,6 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
-def _launch_settings(n_cols: int) -> tuple[int, int]:
-    """BLOCK (next power of two of the row length) and num_warps for it."""
-    block = triton.next_power_of_2(n_cols)
-    if block > _MAX_BLOCK:
-        raise ValueError(f"rms_norm: hidden size {n_cols} exceeds the fused limit {_MAX_BLOCK}; use backend='torch'")
-    return block, 4 if block < 2048 else 8 if block < 8192 else 16
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View t as [rows, hidden]; copies only when the hidden dim itself is strided or the view is impossible."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _n_programs(device: torch.device, n_rows: int) -> int:
     """Backward programs: one per SM on a GPU (each keeps a dw partial), a handful in the interpreter."""
     n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -88,7 +73,7 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """x, residual: [rows, hidden]. Returns y, s (None without residual) and rstd [rows] in fp32."""
     n_rows, n_cols = x.shape
-    block, num_warps = _launch_settings(n_cols)
+    block, num_warps = row_settings(n_cols)
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else None
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -106,7 +91,7 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All [rows, hidden] but weight and rstd. Returns dx (including ds) and dweight, reduced in two fixed stages."""
     n_rows, n_cols = x.shape
-    block, num_warps = _launch_settings(n_cols)
+    block, num_warps = row_settings(n_cols)
     n_programs = _n_programs(x.device, n_rows)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
@@ -119,11 +104,13 @@ def _backward(
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
-class _RMSNorm(torch.autograd.Function):
+class RMSNormFunction(torch.autograd.Function):
+    """Saves the norm's input (s with a residual), weight and rstd; backward recomputes the normalised rows."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float):
         weight = weight.contiguous()
-        y, s, rstd = _forward(_rows(x), weight, None if residual is None else _rows(residual), eps)
+        y, s, rstd = _forward(as_rows(x), weight, None if residual is None else as_rows(residual), eps)
         y = y.view(x.shape)
         ctx.has_residual = residual is not None
         if residual is None:
@@ -136,7 +123,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor, ds: torch.Tensor | None = None):
         normed_input, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(_rows(dy), None if ds is None else _rows(ds), _rows(normed_input), weight, rstd)
+        dx, dw = _backward(as_rows(dy), None if ds is None else as_rows(ds), as_rows(normed_input), weight, rstd)
         dx = dx.view(normed_input.shape)
         # With a residual, s = x + residual, so x and residual receive the same gradient (as torch's add does).
         return dx, dw, (dx if ctx.has_residual else None), None
@@ -149,13 +136,10 @@ def rms_norm(
 
     Returns y, or (y, s) when `residual` is given.
     """
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"rms_norm: x.dtype={x.dtype} is not supported; cast x to float32, float16 or bfloat16")
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"rms_norm: weight.shape={tuple(weight.shape)} must be ({x.shape[-1]},), x's last dim")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    check_dtype("rms_norm", *(t for t in (x, residual) if t is not None))
+    if triton.next_power_of_2(x.shape[-1]) > MAX_ROW_BLOCK:
         raise ValueError(
-            f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}; "
-            "cast or broadcast it first"
+            f"rms_norm: hidden size {x.shape[-1]} exceeds the fused limit {MAX_ROW_BLOCK}; use backend='torch'"
         )
-    return _RMSNorm.apply(x, weight, residual, eps)
+    assert weight.shape == (x.shape[-1],) and (residual is None or residual.shape == x.shape), "rms_norm: shapes"
+    return RMSNormFunction.apply(x, weight, residual, eps)

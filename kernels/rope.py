@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._common import check_dtype
 
 
 @triton.jit
@@ -78,7 +78,9 @@ def _rotate(
     )  # fmt: skip
 
 
-class _Rope(torch.autograd.Function):
+class RopeFunction(torch.autograd.Function):
+    """Saves only the cos/sin tables: the backward of a rotation is the rotation by the opposite angle."""
+
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool):
         q_out, k_out = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
@@ -103,21 +105,10 @@ def apply_rope(
 
     With `inplace`, q and k are overwritten and returned. Decode positions come in by slicing the cos/sin tables.
     """
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(
-            f"apply_rope: q{tuple(q.shape)} and k{tuple(k.shape)} must be [B, H, T, D] sharing B, T and D; "
-            "transpose [B, T, H, D] inputs with .transpose(1, 2)"
-        )
-    head_dim = q.shape[-1]
-    if head_dim % 2:
-        raise ValueError(f"apply_rope: head dim {head_dim} must be even to split into rotation pairs")
-    if cos.shape != (q.shape[2], head_dim // 2) or sin.shape != cos.shape:
-        raise ValueError(
-            f"apply_rope: cos{tuple(cos.shape)} and sin{tuple(sin.shape)} must be [T, D/2] = "
-            f"[{q.shape[2]}, {head_dim // 2}]; slice the tables at the positions of q"
-        )
-    if q.dtype not in _DTYPES or k.dtype not in _DTYPES:
-        raise ValueError(f"apply_rope: q.dtype={q.dtype}, k.dtype={k.dtype}; cast to float32, float16 or bfloat16")
+    check_dtype("apply_rope", q)
+    check_dtype("apply_rope", k)
+    assert q.dim() == k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:], "apply_rope: q, k"
+    assert q.shape[-1] % 2 == 0 and cos.shape == sin.shape == (q.shape[2], q.shape[-1] // 2), "apply_rope: cos, sin"
     records_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if inplace and records_grad and (q._base is not None or k._base is not None):
         # Autograd cannot record a two-output Function that modifies a view in place.
@@ -125,4 +116,4 @@ def apply_rope(
             "apply_rope: inplace=True on q/k that are views requiring grad cannot be recorded by autograd; "
             "pass inplace=False when training"
         )
-    return _Rope.apply(q, k, cos, sin, inplace)
+    return RopeFunction.apply(q, k, cos, sin, inplace)

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._common import as_rows, check_dtype
+
 _MAX_BLOCK = 1024
 
 
@@ -43,15 +44,6 @@ def _swiglu_bwd_kernel(
     tl.store(DGATE + row * dgate_row_stride + cols, dgate.to(DGATE.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View t as [rows, last dim]; copies only when the last dim itself is strided or the view is impossible.
-
-    Row strides are passed to the kernels, so gate/up that are column slices of one fused projection are not copied.
-    """
-    t = t.reshape(-1, t.shape[-1] if t.dim() else 1)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_settings(rows: torch.Tensor) -> tuple[tuple[int, int], int, int]:
     """Grid (rows, column blocks), BLOCK and num_warps (about 8 elements a thread) for a [rows, cols] tensor."""
     n_rows, n_cols = rows.shape
@@ -59,10 +51,12 @@ def _launch_settings(rows: torch.Tensor) -> tuple[tuple[int, int], int, int]:
     return (n_rows, triton.cdiv(n_cols, block)), block, max(1, block // 256)
 
 
-class _SwiGLU(torch.autograd.Function):
+class SwiGLUFunction(torch.autograd.Function):
+    """Saves gate and up; backward recomputes the sigmoid rather than storing it."""
+
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate2, up2 = _rows(gate), _rows(up)
+        gate2, up2 = as_rows(gate), as_rows(up)
         out = torch.empty(gate2.shape, dtype=gate.dtype, device=gate.device)
         grid, block, num_warps = _launch_settings(gate2)
         _swiglu_fwd_kernel[grid](
@@ -74,7 +68,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        dout2, gate2, up2 = _rows(dout), _rows(gate), _rows(up)
+        dout2, gate2, up2 = as_rows(dout), as_rows(gate), as_rows(up)
         dgate = torch.empty(gate2.shape, dtype=gate.dtype, device=gate.device)
         dup = torch.empty_like(dgate)
         grid, block, num_warps = _launch_settings(gate2)
@@ -88,11 +82,6 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up elementwise, for gate and up of one shape and dtype; fp32 math, output in their dtype."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(
-            f"swiglu: gate{tuple(gate.shape)} {gate.dtype} and up{tuple(up.shape)} {up.dtype} must share shape and "
-            "dtype; cast or broadcast them first"
-        )
-    if gate.dtype not in _DTYPES:
-        raise ValueError(f"swiglu: dtype {gate.dtype} is not supported; cast to float32, float16 or bfloat16")
-    return _SwiGLU.apply(gate, up)
+    check_dtype("swiglu", gate, up)
+    assert gate.shape == up.shape, "swiglu: gate and up must share one shape"
+    return SwiGLUFunction.apply(gate, up)

@@ -26,6 +26,13 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install triton, or use backend='torch'")
+        from minigrok.kernels._common import INTERPRET
+
+        if tensor.device.type != "cuda" and not INTERPRET:
+            raise ValueError(
+                f"backend='triton' got a tensor on {tensor.device}: the Triton kernels need CUDA tensors "
+                "(or TRITON_INTERPRET=1 set before import); move it with .cuda() or use backend='torch'"
+            )
         return True
     if backend == "auto":
         return tensor.is_cuda and triton_available()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import scaled_dot_product_attention
 
 from ._dispatch import use_triton
 
@@ -15,6 +15,11 @@ def _check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
         )
     if k.shape != v.shape:
         raise ValueError(f"attention needs k and v of one shape; got k{tuple(k.shape)} and v{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(
+            f"attention needs q, k, v of one dtype on one device; got {q.dtype}, {k.dtype}, {v.dtype} on "
+            f"{q.device}, {k.device}, {v.device}: cast and move them with .to(q)"
+        )
     (batch, n_q_heads, q_len, head_dim), (_, n_kv_heads, kv_len, _) = q.shape, k.shape
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"attention: q{tuple(q.shape)} and k{tuple(k.shape)} disagree on batch or head dim")
@@ -69,6 +74,6 @@ def attention(
     window = window if window is not None and window < kv_len else None
     if causal and window is None and q_len == kv_len:
         # SDPA's own causal path never builds a mask tensor.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = attention_mask(q_len, kv_len, causal, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -1,9 +1,14 @@
-"""Token cross-entropy, plain and fused with the output projection (chunked so [N, vocab] logits never exist)."""
+"""Token cross-entropy, plain and fused with the output projection (chunked so [N, vocab] logits never exist).
+
+The fused op has one chunk loop and one autograd Function; the loss and gradient of each chunk of logits come from
+`chunk_loss_and_grad` below or from the Triton kernel of the same name in minigrok.kernels.linear_cross_entropy.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import use_triton
 
@@ -35,7 +40,7 @@ def cross_entropy(
     """
     _check_targets(targets, logits.shape[0], logits.shape[-1], ignore_index)
     logits = logits.float()
-    losses = F.cross_entropy(
+    losses = torch.nn.functional.cross_entropy(
         logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
     )
     valid = targets != ignore_index
@@ -44,10 +49,21 @@ def cross_entropy(
     return losses.sum() / valid.sum().clamp(min=1)
 
 
-def _chunk_loss_and_grad(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of one chunk of logits and its fp32 gradient with respect to them."""
+# (logits, targets, ignore_index, label_smoothing, z_loss, grad_scale) -> (summed loss, grad_scale * d loss / d logits)
+ChunkLossAndGrad = Callable[
+    [torch.Tensor, torch.Tensor, int, float, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
+]
+
+
+def chunk_loss_and_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed loss of one chunk of logits and, given grad_scale (0-d), grad_scale * its fp32 gradient w.r.t. them."""
     valid = targets != ignore_index
     safe_targets = targets.masked_fill(~valid, 0)[:, None]
     # One fused pass that also upcasts half-precision logits; the softmax below reuses its buffer.
@@ -60,6 +76,8 @@ def _chunk_loss_and_grad(
         lse = logits.gather(1, safe_targets)[:, 0].float() - target_log_prob  # logsumexp without another pass
         losses += z_loss * lse**2
     loss_sum = (losses * valid).sum()
+    if grad_scale is None:
+        return loss_sum, None
     # d/dlogits = softmax * (1 + 2 z lse) - (1 - eps) onehot(target) - eps / V, zero on ignored rows.
     grad = log_probs.exp_()
     if z_loss:
@@ -67,21 +85,31 @@ def _chunk_loss_and_grad(
     if label_smoothing:
         grad.sub_(label_smoothing / logits.shape[-1])
     grad.scatter_add_(1, safe_targets, torch.full_like(target_log_prob[:, None], label_smoothing - 1))
-    return loss_sum, grad.mul_(valid[:, None])
+    return loss_sum, grad.mul_((valid * grad_scale)[:, None])
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk so that one chunk of fp32 logits takes about 32 MiB."""
+    """Rows per chunk so that one chunk of fp32 logits takes about 32 MiB (at least 16 rows)."""
     return max(16, min(n_rows, (32 << 20) // (4 * vocab_size)))
 
 
-def _chunked_loss_and_grads(
-    hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, want_grad_hidden, want_grad_weight
-):
-    """Mean loss and, if wanted, the gradients of hidden and weight, one chunk of rows at a time."""
+def chunked_loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_rows: int,
+    chunk_fn: ChunkLossAndGrad,
+    want_grad_hidden: bool,
+    want_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean loss and, if wanted, the gradients of hidden and weight, one chunk of rows at a time through chunk_fn."""
     grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
     n_valid = (targets != ignore_index).sum().clamp(min=1)
+    grad_scale = 1.0 / n_valid if want_grad_hidden or want_grad_weight else None  # stays on the device: no sync
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # Under autocast the matmuls run in its dtype: cast each chunk's gradient once, not once per matmul.
     device_type = hidden.device.type
@@ -89,26 +117,39 @@ def _chunked_loss_and_grads(
     matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = hidden[start : start + chunk_rows]
-        logits = rows @ weight.T
-        loss_sum, grad_logits = _chunk_loss_and_grad(
-            logits, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss
+        loss_sum, grad_logits = chunk_fn(
+            rows @ weight.T, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss, grad_scale
         )
         total += loss_sum
-        grad_logits = grad_logits.div_(n_valid).to(matmul_dtype)
+        if grad_scale is None:
+            continue
+        grad_logits = grad_logits.to(matmul_dtype)
         if grad_hidden is not None:
             grad_hidden[start : start + chunk_rows] = grad_logits @ weight
-        if grad_weight is not None:
+        if grad_weight is None:
+            continue
+        if grad_logits.dtype == torch.float32:
+            grad_weight.addmm_(grad_logits.T, rows)  # no [V, d] temporary
+        else:
             grad_weight += (grad_logits.T @ rows).float()
     return total / n_valid, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+class LinearCrossEntropyFunction(torch.autograd.Function):
     """Forms the loss and both gradients chunk by chunk in forward; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows):
-        loss, grad_hidden, grad_weight = _chunked_loss_and_grads(
-            hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, *ctx.needs_input_grad[:2]
+    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, chunk_fn):
+        loss, grad_hidden, grad_weight = chunked_loss_and_grads(
+            hidden,
+            weight,
+            targets,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            chunk_rows,
+            chunk_fn,
+            *ctx.needs_input_grad[:2],
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
@@ -119,8 +160,40 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
-            *([None] * 5),
+            *([None] * 6),
         )
+
+
+def _check_linear_cross_entropy_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_rows: int | None,
+) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden must be [N, d] and weight [V, d]; got hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}: reshape hidden to 2-D and match its last dim to weight's"
+        )
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(
+            f"linear_cross_entropy: hidden and weight must share one dtype outside autocast; got hidden "
+            f"{hidden.dtype}, weight {weight.dtype}: cast one to the other's dtype"
+        )
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"linear_cross_entropy: targets must be int32/int64, got {targets.dtype}: cast with .long()")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(
+            f"linear_cross_entropy: hidden, weight and targets must be on one device; got {hidden.device}, "
+            f"{weight.device}, {targets.device}: move them with .to(hidden.device)"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing={label_smoothing} must lie in [0, 1]")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows={chunk_rows} must be >= 1, or None for the default")
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
 
 
 def linear_cross_entropy(
@@ -137,19 +210,13 @@ def linear_cross_entropy(
 
     Rows are processed `chunk_rows` at a time; gradients of hidden and weight are formed in the same pass.
     """
-    if use_triton(backend, hidden):  # the kernel checks its own inputs (one device sync for the targets, not two)
-        from minigrok.kernels.linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
-
-        return triton_linear_cross_entropy(
-            hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows=chunk_rows
-        )
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"linear_cross_entropy: expected hidden [N, d] and weight [V, d]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
-        )
-    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
+    _check_linear_cross_entropy_args(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows)
+    if use_triton(backend, hidden):
+        from minigrok.kernels.linear_cross_entropy import chunk_loss_and_grad as chunk_fn
+    else:
+        chunk_fn = chunk_loss_and_grad
     chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
-    args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows)
+    args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, chunk_fn)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(*args)
-    return _chunked_loss_and_grads(*args, False, False)[0]  # evaluation: the loss alone
+        return LinearCrossEntropyFunction.apply(*args)
+    return chunked_loss_and_grads(*args, False, False)[0]  # evaluation: the loss alone

@@ -18,8 +18,12 @@ def rms_norm(
 
     With `residual`, normalises s = x + residual and returns (normed, s), so a block reads its activations once.
     """
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"rms_norm: x's last dim {x.shape[-1]} differs from weight's {weight.shape[-1]}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight.shape={tuple(weight.shape)} must be ({x.shape[-1]},), x's last dim")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(
+            f"rms_norm: residual{tuple(residual.shape)} must have x's shape {tuple(x.shape)}; broadcast it first"
+        )
     if use_triton(backend, x):
         from minigrok.kernels.rms_norm import rms_norm as triton_rms_norm
 

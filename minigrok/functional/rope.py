@@ -16,6 +16,22 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0)
     return angles.cos(), angles.sin()
 
 
+def _check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"apply_rope: q{tuple(q.shape)} and k{tuple(k.shape)} must be [B, H, T, D] sharing B, T and D; "
+            "transpose [B, T, H, D] inputs with .transpose(1, 2)"
+        )
+    seq_len, head_dim = q.shape[2:]
+    if head_dim % 2:
+        raise ValueError(f"apply_rope: head dim {head_dim} must be even to split into rotation pairs")
+    if cos.shape != (seq_len, head_dim // 2) or sin.shape != cos.shape:
+        raise ValueError(
+            f"apply_rope: expected cos/sin of shape [T, D/2] = [{seq_len}, {head_dim // 2}] for q{tuple(q.shape)}; "
+            f"got cos{tuple(cos.shape)}, sin{tuple(sin.shape)}: slice the tables at the positions of q"
+        )
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,12 +39,7 @@ def apply_rope(
 
     Pairs (x[i], x[i + D/2]) rotate together; the arithmetic is fp32 and the result keeps the input dtype.
     """
-    half = q.shape[-1] // 2
-    if k.shape[-1] != q.shape[-1] or cos.shape != (q.shape[-2], half) or sin.shape != cos.shape:
-        raise ValueError(
-            f"apply_rope: expected cos/sin of shape [T, D/2] = [{q.shape[-2]}, {half}] for q{tuple(q.shape)} "
-            f"and k{tuple(k.shape)}; got cos{tuple(cos.shape)}, sin{tuple(sin.shape)}"
-        )
+    _check_rope_args(q, k, cos, sin)
     if use_triton(backend, q):
         from minigrok.kernels.rope import apply_rope as triton_apply_rope
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import use_triton
 
@@ -16,4 +15,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
         from minigrok.kernels.swiglu import swiglu as triton_swiglu
 
         return triton_swiglu(gate, up)
-    return F.silu(gate) * up
+    return torch.nn.functional.silu(gate) * up

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigrok.functional import attention
 from minigrok.kernels.attention import flash_attention, flash_attention_forward
 
 # (batch, q heads, kv heads, q len, kv len, head dim, causal, window)
@@ -197,21 +198,24 @@ def test_matches_sdpa_causal_gqa():
         ((1, 4, 16, 33), (1, 4, 16, 33), {}, "head_dim=33"),
         ((2, 4, 16, 32), (1, 4, 16, 32), {}, "batch"),
         ((1, 4, 16, 32), (1, 4, 16, 32), {"window": 0}, "window=0"),
-        ((4, 16, 32), (1, 4, 16, 32), {}, "q must be a non-empty 4-D tensor"),
+        ((4, 16, 32), (1, 4, 16, 32), {}, r"\[B, H, T, D\]"),
     ],
 )
 def test_bad_inputs_raise(q_shape, kv_shape, kwargs, match):
+    """minigrok.functional.attention checks the arguments; the kernel adds its head_dim limits."""
     q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
     with pytest.raises(ValueError, match=match):
-        flash_attention(q, k, v, **kwargs)
+        attention(q, k, v, backend="triton", **kwargs)
 
 
 def test_mismatched_kv_and_dtypes_raise():
     q, k, v = torch.randn(1, 4, 16, 32), torch.randn(1, 4, 16, 32), torch.randn(1, 4, 17, 32)
-    with pytest.raises(ValueError, match="k and v must have the same shape"):
-        flash_attention(q, k, v)
+    with pytest.raises(ValueError, match="k and v of one shape"):
+        attention(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="dtype"):
-        flash_attention(q, k.half(), k)
+        attention(q, k.half(), k.half(), backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        flash_attention(q.double(), k.double(), k.double())
     with pytest.raises(ValueError, match="out must match q"):
         flash_attention_forward(q, k, k, out=torch.empty(1, 4, 16, 16))
 

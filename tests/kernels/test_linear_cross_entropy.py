@@ -1,7 +1,10 @@
-"""Fused linear cross-entropy (Triton kernel and both PyTorch paths) against an independent float64 reference."""
+"""Fused linear cross-entropy (the chunk loop driven by the Triton kernel or by PyTorch, the kernel on its own) against
+an independent float64 reference."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -9,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import minigrok.functional as mf
-from minigrok.kernels import linear_cross_entropy as lce_module
-from minigrok.kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
+from minigrok.functional.cross_entropy import chunk_loss_and_grad, chunked_loss_and_grads, default_chunk_rows
+from minigrok.kernels import linear_cross_entropy as kernel_module
+
+ce_module = importlib.import_module("minigrok.functional.cross_entropy")  # the package attribute is the function
+linear_cross_entropy = functools.partial(mf.linear_cross_entropy, backend="triton")
 
 IGNORE = -100
 FP32_TOL = 1e-5
@@ -89,8 +95,8 @@ def assert_no_worse_than_naive(ours, naive, ref) -> None:
 
 
 IMPLS = {
-    "kernel": lambda h, w, t, chunk_rows, **kw: linear_cross_entropy(h, w, t, chunk_rows=chunk_rows, **kw),
-    "functional_triton": lambda h, w, t, chunk_rows, **kw: mf.linear_cross_entropy(h, w, t, backend="triton", **kw),
+    "kernel": lambda h, w, t, chunk_rows, **kw: kernel_module.linear_cross_entropy(h, w, t, **kw),
+    "functional_triton": lambda h, w, t, chunk_rows, **kw: linear_cross_entropy(h, w, t, chunk_rows=chunk_rows, **kw),
     "functional_torch": lambda h, w, t, chunk_rows, **kw: mf.linear_cross_entropy(
         h, w, t, chunk_rows=chunk_rows, backend="torch", **kw
     ),
@@ -124,7 +130,7 @@ def test_large_logits_are_stable():
     assert_no_worse_than_naive(ours, naive, ref)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "functional_torch"])
+@pytest.mark.parametrize("impl", ["kernel", "functional_triton", "functional_torch"])
 def test_ignored_rows_contribute_nothing(impl):
     hidden, weight, targets = make_inputs(130, 48, 1000, seed=2, ignore_index=0)
     ignored = targets == 0
@@ -140,7 +146,7 @@ def test_ignored_rows_contribute_nothing(impl):
     torch.testing.assert_close(grad_w2, grad_w, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "functional_torch", "cross_entropy"])
+@pytest.mark.parametrize("impl", ["kernel", "functional_triton", "functional_torch", "cross_entropy"])
 def test_all_ignored_gives_zero_loss_and_grads(impl):
     hidden, weight, _ = make_inputs(40, 48, 65, seed=3)
     targets = torch.full((40,), IGNORE)
@@ -150,14 +156,15 @@ def test_all_ignored_gives_zero_loss_and_grads(impl):
     assert torch.equal(grad_w, torch.zeros_like(grad_w))
 
 
+@pytest.mark.parametrize("impl", ["kernel", "functional_triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 1e-4)])
 @pytest.mark.parametrize("vocab, d, n, chunk_rows", SHAPES[1:])
-def test_low_precision_no_worse_than_naive_torch(dtype, vocab, d, n, chunk_rows, label_smoothing, z_loss):
+def test_low_precision_no_worse_than_naive_torch(impl, dtype, vocab, d, n, chunk_rows, label_smoothing, z_loss):
     hidden, weight, targets = make_inputs(n, d, vocab, seed=4)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     opts = dict(ignore_index=IGNORE, label_smoothing=label_smoothing, z_loss=z_loss)
-    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_rows=chunk_rows, **opts)
+    ours = loss_and_grads(IMPLS[impl], hidden, weight, targets, chunk_rows, **opts)
     naive = loss_and_grads(naive_loss, hidden, weight, targets, **opts)
     # The reference sees the same rounded inputs, so only the computation's rounding is measured.
     ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
@@ -165,7 +172,7 @@ def test_low_precision_no_worse_than_naive_torch(dtype, vocab, d, n, chunk_rows,
     assert_no_worse_than_naive(ours, naive, ref)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "functional_torch"])
+@pytest.mark.parametrize("impl", ["kernel", "functional_triton", "functional_torch"])
 def test_tied_embedding_weight_accumulates(impl):
     vocab, d, n = 1000, 48, 70
     hidden_unused, weight, targets = make_inputs(n, d, vocab, seed=5)
@@ -200,13 +207,13 @@ def test_backward_scales_by_incoming_gradient():
 
 def test_only_needed_grads_are_computed(monkeypatch):
     calls = []
-    real = lce_module._loss_and_grads
+    real = ce_module.chunked_loss_and_grads
 
     def spy(*args):
         calls.append(args[-2:])
         return real(*args)
 
-    monkeypatch.setattr(lce_module, "_loss_and_grads", spy)
+    monkeypatch.setattr(ce_module, "chunked_loss_and_grads", spy)
     hidden, weight, targets = make_inputs(40, 48, 65, seed=9)
     ref_loss, ref_h, ref_w = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets)
 
@@ -232,7 +239,7 @@ def test_only_needed_grads_are_computed(monkeypatch):
         (lambda h, w, t: (h, w.double(), t), "dtype"),
         (lambda h, w, t: (h, w, t.float()), "targets"),
         (lambda h, w, t: (h, w, t[:-1]), "targets"),
-        (lambda h, w, t: (h, w, torch.where(t == IGNORE, 65, t)), "target id 65"),
+        (lambda h, w, t: (h, w, torch.where(t == IGNORE, 65, t)), r"\[0, 65\)"),
     ],
 )
 def test_bad_arguments_raise(change, match):
@@ -247,6 +254,52 @@ def test_bad_options_raise():
         linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
     with pytest.raises(ValueError, match="label_smoothing=1.5"):
         linear_cross_entropy(hidden, weight, targets, label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("label_smoothing, z_loss", SMOOTHING_ZLOSS)
+def test_chunk_functions_match_float64(dtype, label_smoothing, z_loss):
+    """Both per-chunk steps the loop can be given: summed loss and grad_scale * d loss / d logits, or the loss alone."""
+    gen = torch.Generator().manual_seed(13)
+    logits = (2 * torch.randn(37, 1001, generator=gen)).to(dtype)
+    targets = torch.randint(0, 1001, (37,), generator=gen)
+    targets[::5] = IGNORE
+    n_valid = (targets != IGNORE).sum()
+    opts = (IGNORE, label_smoothing, z_loss)
+    identity = torch.eye(1001, dtype=torch.float64)
+    ref_loss, ref_grad, _ = loss_and_grads(reference_loss, logits.double(), identity, targets, *opts)
+    for chunk_fn in (chunk_loss_and_grad, kernel_module.chunk_loss_and_grad):
+        loss_sum, grad = chunk_fn(logits.clone(), targets, *opts, 1.0 / n_valid)
+        assert loss_sum.dtype == grad.dtype == torch.float32 and grad.shape == logits.shape
+        assert rel_err(loss_sum / n_valid, ref_loss) < FP32_TOL
+        assert rel_err(grad, ref_grad) < FP32_TOL
+        loss_alone, no_grad = chunk_fn(logits.clone(), targets, *opts, None)
+        assert no_grad is None and rel_err(loss_alone / n_valid, ref_loss) < FP32_TOL
+
+
+@pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 1e-4)])
+def test_chunk_loop_gives_the_same_with_either_chunk_function(label_smoothing, z_loss):
+    hidden, weight, targets = make_inputs(70, 48, 1000, seed=14)
+    args = (hidden, weight, targets, IGNORE, label_smoothing, z_loss, 16)
+    with_torch = chunked_loss_and_grads(*args, chunk_loss_and_grad, True, True)
+    with_triton = chunked_loss_and_grads(*args, kernel_module.chunk_loss_and_grad, True, True)
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, IGNORE, label_smoothing, z_loss)
+    for from_torch, from_triton, expected in zip(with_torch, with_triton, ref, strict=True):
+        torch.testing.assert_close(from_triton, from_torch, rtol=1e-5, atol=1e-8)
+        assert rel_err(from_triton, expected) < FP32_TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_matmuls_no_worse_than_naive(backend):
+    """Under bf16 autocast the chunk matmuls run in bf16 and the gradients come back in the inputs' fp32."""
+    hidden, weight, targets = make_inputs(70, 48, 1000, seed=15)
+    opts = dict(label_smoothing=0.1, z_loss=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = loss_and_grads(mf.linear_cross_entropy, hidden, weight, targets, chunk_rows=16, backend=backend, **opts)
+        naive = loss_and_grads(naive_loss, hidden, weight, targets, **opts)
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    assert ours[1].dtype == ours[2].dtype == torch.float32
+    assert_no_worse_than_naive(ours, naive, ref)
 
 
 def test_default_chunk_rows_keeps_logits_near_32_mib():

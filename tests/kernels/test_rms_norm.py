@@ -107,13 +107,18 @@ def test_matches_functional_torch_backend(with_residual):
 
 
 def test_rejects_bad_arguments():
+    """minigrok.functional.rms_norm checks the shapes; the kernel adds its dtypes."""
+    from minigrok.functional import rms_norm as functional_rms_norm
+
     x = torch.randn(4, 80, device=DEVICE)
     with pytest.raises(ValueError, match="weight.shape"):
-        rms_norm(x, torch.randn(48, device=DEVICE), EPS)
+        functional_rms_norm(x, torch.randn(48, device=DEVICE), EPS, backend="triton")
     with pytest.raises(ValueError, match="residual"):
-        rms_norm(x, torch.randn(80, device=DEVICE), EPS, torch.randn(4, 48, device=DEVICE))
+        functional_rms_norm(x, torch.randn(80, device=DEVICE), EPS, torch.randn(4, 48, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="float64"):
         rms_norm(x.double(), torch.randn(80, device=DEVICE, dtype=torch.float64), EPS)
+    with pytest.raises(ValueError, match="float16"):
+        rms_norm(x, torch.randn(80, device=DEVICE), EPS, x.half())
 
 
 @pytest.mark.slow

@@ -128,14 +128,19 @@ def test_matches_functional_torch_backend():
 
 
 def test_rejects_bad_arguments():
+    """minigrok.functional.apply_rope checks the arguments; the kernel adds its dtypes."""
+    from minigrok.functional import apply_rope as functional_apply_rope
+
     q, k = make_qk("bthd", 1, 4, 2, 3, 16, torch.float32)
     cos, sin = cos_sin(0, 3, 16)
     with pytest.raises(ValueError, match="even"):
-        apply_rope(q[..., :15], k[..., :15], cos[:, :7], sin[:, :7])
+        functional_apply_rope(q[..., :15], k[..., :15], cos[:, :7], sin[:, :7], backend="triton")
     with pytest.raises(ValueError, match="cos"):
-        apply_rope(q, k, cos[:2], sin[:2])
+        functional_apply_rope(q, k, cos[:2], sin[:2], backend="triton")
     with pytest.raises(ValueError, match="B, H, T, D"):
-        apply_rope(q[0], k[0], cos, sin)
+        functional_apply_rope(q[0], k[0], cos, sin, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        apply_rope(q.double(), k, cos, sin)
 
 
 @pytest.mark.slow
