@@ -61,10 +61,18 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], query head h reading kv head h // (Hq // Hkv).
 
-    `causal` masks future keys; `window` keeps only keys within `window` positions of the query.
+    `causal` masks future keys; `window` keeps only keys within `window` positions of the query. On Triton a single
+    query that needs no gradient (a decode step) takes the split-KV decode kernel, anything else FlashAttention.
     """
     _check_attention_args(q, k, v, window)
     if use_triton(backend, q):
+        if q.shape[2] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            from minigrok.kernels.decode_attention import decode_attention
+
+            # One query after the last key (a decode step) sees every key, or with a window only the last `window`.
+            if window is not None:
+                k, v = k[:, :, -window:], v[:, :, -window:]
+            return decode_attention(q, k, v, scale=scale)
         from minigrok.kernels.attention import flash_attention
 
         return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
