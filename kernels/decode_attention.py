@@ -149,13 +149,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     part = out if splits == 1 else torch.empty(batch, n_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else float(scale)) * _LOG2E
+    # fp32 dots run on FMA units, the product in registers: 4 warps spill on sm_90 at head dim 128, 8 do not.
+    num_warps = 8 if q.dtype == torch.float32 else 4
     _decode_split_kernel[(splits, batch * n_kv_heads)](
         q, k, v, part, part_lse,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *part.stride(),
         n_kv_heads, group_size, kv_len, head_dim, chunk, qk_scale,
         UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
