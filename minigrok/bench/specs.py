@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -216,6 +217,19 @@ def sdpa(backend) -> Callable:
     return run
 
 
+def sdpa_providers() -> dict[str, Callable]:
+    """scaled_dot_product_attention once per backend, named sdpa-<backend>."""
+    from torch.nn.attention import SDPBackend
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return {f"sdpa-{name}": sdpa(backend) for name, backend in backends.items()}
+
+
 def compiled_flex_attention() -> Callable:
     """flex_attention compiled once per shape, with its block mask cached per length."""
     import torch._dynamo
@@ -236,6 +250,12 @@ def compiled_flex_attention() -> Callable:
     return run
 
 
+def check_gqa(gqa: list[int], n_heads: int) -> None:
+    """Raise unless every query-per-KV-head ratio of --gqa divides the sweep's query heads."""
+    if bad := [ratio for ratio in gqa if n_heads % ratio]:
+        raise ValueError(f"--gqa {bad}: each query-per-KV-head ratio must divide the {n_heads} query heads")
+
+
 def attention_spec(
     device: torch.device,
     dtype: torch.dtype,
@@ -246,15 +266,12 @@ def attention_spec(
     gqa: list[int] | None = None,
 ) -> KernelSpec:
     """Attention over sequence length at a fixed number of tokens B*T, for each head dim, causal flag and GQA ratio."""
-    from torch.nn.attention import SDPBackend
-
     gpu = device.type == "cuda"
     n_heads = 16 if gpu else 2
     sizes = sizes or sweep_default(device, quick, [32, 64], [512, 1024, 2048, 4096, 8192, 16384], [128, 256])
     head_dims = head_dims or sweep_default(device, quick, [16], [64, 128], [64])
     gqa = gqa or ([1, 4, 16] if gpu else [2])
-    if bad := [ratio for ratio in gqa if n_heads % ratio]:
-        raise ValueError(f"--gqa {bad}: each query-per-KV-head ratio must divide the {n_heads} query heads")
+    check_gqa(gqa, n_heads)
     tokens = 16384 if gpu else max(sizes)
     cases = []
     for head_dim, is_causal, ratio, seq_len in itertools.product(
@@ -275,21 +292,53 @@ def attention_spec(
                 bytes={"fwd": 2 * q_bytes + 2 * kv_bytes, "bwd": 4 * q_bytes + 4 * kv_bytes},
             )
         )
-    backends = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    others = {f"sdpa-{name}": sdpa(backend) for name, backend in backends.items()}
+    others = sdpa_providers()
     if gpu and importlib.util.find_spec("torch.nn.attention.flex_attention"):
         others["flex"] = compiled_flex_attention()
     baseline = "sdpa-math" if gpu else "ours-torch"
     return kernel_spec("seq_len", cases, functional.attention, ("ours-triton", "ours-torch"), others, baseline)
 
 
+def decode_attention_spec(
+    device: torch.device,
+    dtype: torch.dtype,
+    quick: bool = False,
+    sizes: list[int] | None = None,
+    head_dims: list[int] | None = None,
+    gqa: list[int] | None = None,
+) -> KernelSpec:
+    """One decode step, a single query per head against a KV cache, over cache length; forward only (inference)."""
+    gpu = device.type == "cuda"
+    batch, n_heads = (8, 32) if gpu else (1, 8)
+    sizes = sizes or sweep_default(device, quick, [17, 100], [512, 1024, 4096, 16384, 65536], [256, 1024, 4096])
+    head_dims = head_dims or sweep_default(device, quick, [16], [64, 128], [64])
+    gqa = gqa or ([1, 4, 8] if gpu else [4])
+    check_gqa(gqa, n_heads)
+    cases = []
+    for head_dim, ratio, kv_len in itertools.product(head_dims, gqa, sizes):
+        kv_heads = n_heads // ratio
+        q_shape, kv_shape = (batch, n_heads, 1, head_dim), (batch, kv_heads, kv_len, head_dim)
+        q_bytes, kv_bytes = (math.prod(shape) * dtype.itemsize for shape in (q_shape, kv_shape))
+        cases.append(
+            Case(
+                kv_len,
+                f"B={batch} Hq={n_heads} Hkv={kv_heads} D={head_dim}",
+                random_inputs(device, dtype, q_shape, kv_shape, kv_shape),
+                # The query sits after the last key, so it sees them all: SDPA's is_causal would align it to the first.
+                {"causal": False},
+                flops={"fwd": 4 * batch * n_heads * kv_len * head_dim},
+                bytes={"fwd": 2 * q_bytes + 2 * kv_bytes},  # reads q, k, v and writes o
+            )
+        )
+    baseline = "sdpa-math" if gpu else "ours-torch"
+    return kernel_spec(
+        "cache_len", cases, functional.attention, ("ours-triton", "ours-torch"), sdpa_providers(), baseline, ("fwd",)
+    )
+
+
 KERNEL_SPECS = {
     "attention": attention_spec,
+    "decode_attention": decode_attention_spec,
     "rms_norm": rms_norm_spec,
     "rope": rope_spec,
     "swiglu": swiglu_spec,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from .arguments import add_config_arguments, add_dtype_argument, add_machine_arguments, int_list
 
-# What each op of `bench kernels` sweeps: attention takes them as --seq-lens, every other op as --sizes.
+# What each op of `bench kernels` sweeps: the attentions take them as --seq-lens, every other op as --sizes.
 SWEPT = {
     "attention": "sequence lengths",
+    "decode_attention": "KV-cache lengths",
     "rms_norm": "hidden sizes",
     "rope": "hidden sizes",
     "swiglu": "hidden sizes",
@@ -84,7 +85,9 @@ def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp32 CPU, bf16 GPU")
     parser.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="a tiny sweep (for tests)")
-    parser.add_argument("--seq-lens", type=int_list, help="attention: the swept sequence lengths, e.g. 1024,4096")
+    parser.add_argument(
+        "--seq-lens", type=int_list, help="attention: the swept sequence (decode: KV-cache) lengths, e.g. 1024,4096"
+    )
     parser.add_argument(
         "--sizes",
         type=int_list,
@@ -104,8 +107,8 @@ def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def swept_sizes(args: argparse.Namespace) -> list[int] | None:
-    """The values the op sweeps: --seq-lens for attention, --sizes for the others; the other flag is refused."""
-    right, wrong = ("--seq-lens", "--sizes") if args.op == "attention" else ("--sizes", "--seq-lens")
+    """The values the op sweeps: --seq-lens for the attentions, --sizes for the others; the other flag is refused."""
+    right, wrong = ("--seq-lens", "--sizes") if args.op.endswith("attention") else ("--sizes", "--seq-lens")
     values = {"--seq-lens": args.seq_lens, "--sizes": args.sizes}
     if values[wrong] is not None:
         raise ValueError(f"{wrong} does not apply to {args.op}, which sweeps {SWEPT[args.op]}: give them with {right}")
