@@ -76,6 +76,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM, UPCAST)
+        # P in V's dtype: on a GPU a native half-precision dot, accumulating in fp32.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -117,13 +118,14 @@ def num_splits(kv_rows: int, kv_len: int, block_n: int, target_programs: int) ->
     can only drop splits, never leave one empty.
     """
     blocks = triton.cdiv(kv_len, block_n)
-    splits = min(max(triton.cdiv(target_programs, kv_rows), 1), blocks, MAX_SPLITS)
+    splits = min(triton.cdiv(target_programs, kv_rows), blocks, MAX_SPLITS)
     chunk = triton.cdiv(blocks, splits) * block_n
     return triton.cdiv(kv_len, chunk), chunk
 
 
 @functools.cache
 def _target_programs(device: torch.device) -> int:
+    """How many programs a launch should bring to keep `device` busy: PROGRAMS_PER_SM per SM, measured once."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
     return PROGRAMS_PER_SM * sms
 
@@ -155,7 +157,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         q, k, v, part, part_lse,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *part.stride(),
         n_kv_heads, group_size, kv_len, head_dim, chunk, qk_scale,
-        UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact
         BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip
