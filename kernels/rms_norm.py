@@ -66,6 +66,12 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _dx_block(x, dy, w, rstd, dot, n_cols):
+    """d/dx of w * x * rstd(x) on one block, given the row's dot = sum(dy * w * x): rstd * (dy w - x rstd^2 dot / n)."""
+    return rstd * (dy * w - x * (rstd * rstd * dot / n_cols))
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY, DS, X, W, RSTD, DX, DW_PARTIAL,
     dy_row_stride, ds_row_stride, x_row_stride, dx_row_stride,
@@ -99,7 +105,8 @@ def _rms_norm_bwd_kernel(
             dw += dy * x * rstd
         tl.store(dw_row + offs, dw, mask=mask)
     else:
-        # Plain loops: the dw partial is read back each row, which a pipelined prefetch could overtake.
+        # Plain loops: the dw partial is read back each row, which a pipelined prefetch could overtake. Each thread
+        # reads back only the elements it stored (one layout for every block), so no barrier is needed.
         for row in range(row_start, row_end):
             rstd = tl.load(RSTD + row)
             dot_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -122,12 +129,6 @@ def _rms_norm_bwd_kernel(
                 tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 dw = tl.load(dw_row + cols, mask=mask, other=0.0) + dy * x * rstd
                 tl.store(dw_row + cols, dw, mask=mask)
-
-
-@triton.jit
-def _dx_block(x, dy, w, rstd, dot, n_cols):
-    """d/dx of w * x * rstd(x) on one block, given the row's dot = sum(dy * w * x): rstd * (dy w - x rstd^2 dot / n)."""
-    return rstd * (dy * w - x * (rstd * rstd * dot / n_cols))
 
 
 def _n_programs(device: torch.device, n_rows: int) -> int:
