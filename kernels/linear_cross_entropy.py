@@ -56,14 +56,16 @@ def _row_loss_grad_kernel(
             running_max = new_max
             logit_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
         lse = running_max + tl.log(exp_sum)
-        # Masked so that a target id outside the row cannot read past it (the callers reject such ids).
-        target_logit = tl.load(row_ptr + target, mask=(target >= 0) & (target < n_cols), other=0.0).to(tl.float32)
+        # A target id outside the row is never read: it makes the row's loss and gradient NaN instead (no host check).
+        in_range = (target >= 0) & (target < n_cols)
+        poison = tl.where(in_range, 0.0, float("nan"))
+        target_logit = tl.load(row_ptr + target, mask=in_range, other=0.0).to(tl.float32)
         loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logit_sum / n_cols)
-        tl.store(losses_ptr + row, loss + z_loss * lse * lse)
+        tl.store(losses_ptr + row, loss + z_loss * lse * lse + poison)
 
         if COMPUTE_GRAD:
             # d/dx = softmax * (1 + 2 z lse) - eps / V - (1 - eps) onehot(target), times grad_scale.
-            grad_scale = tl.load(grad_scale_ptr)
+            grad_scale = tl.load(grad_scale_ptr) + poison
             softmax_scale = 1.0 + 2.0 * z_loss * lse
             for start in range(0, n_cols, BLOCK):
                 cols = start + offs
@@ -84,7 +86,9 @@ def chunk_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed loss of logits [rows, V] and, given grad_scale (0-d fp32), grad_scale * d loss / d logits in fp32.
 
-    The gradient overwrites the logits' fp32 copy (the logits themselves when they are fp32 and contiguous).
+    The gradient overwrites the logits' fp32 copy (the logits themselves when they are fp32 and contiguous). A target
+    outside [0, V) that is not ignore_index is never read: its row's loss and gradient come out NaN. Nothing here
+    reads a value back to the host.
     """
     logits = logits.float().contiguous()
     assert logits.dim() == 2 and targets.shape == (logits.shape[0],), (

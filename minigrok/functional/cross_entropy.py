@@ -2,6 +2,8 @@
 
 The fused op has one chunk loop and one autograd Function; the loss and gradient of each chunk of logits come from
 `chunk_loss_and_grad` below or from the Triton kernel of the same name in minigrok.kernels.linear_cross_entropy.
+Off the CPU nothing here reads a tensor's value back to the host, so a training step never waits on the device and can
+be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ import torch
 from ._dispatch import use_triton
 
 
+def _reading_back_is_free(t: torch.Tensor) -> bool:
+    """True on the CPU, where reading a tensor's values into Python waits for nothing; elsewhere it waits on the device."""
+    return t.device.type == "cpu"
+
+
 def _check_targets(targets: torch.Tensor, n_rows: int, vocab_size: int, ignore_index: int) -> None:
     if targets.shape != (n_rows,):
         raise ValueError(f"cross-entropy: targets must have shape [{n_rows}], got {tuple(targets.shape)}")
-    if torch.compiler.is_compiling():  # value checks sync with the device; compiled graphs skip them
+    # Reading the ids back would wait on the device: there a bad id gives a NaN loss (see chunk_loss_and_grad).
+    if not _reading_back_is_free(targets) or torch.compiler.is_compiling():
         return
     valid = targets[targets != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
@@ -36,7 +44,8 @@ def cross_entropy(
     """Mean cross-entropy of logits [N, V] against targets [N] over the rows whose target is not ignore_index.
 
     `z_loss` adds z_loss * logsumexp(logits)^2 per row (keeps the softmax normaliser near 1); a batch with every
-    row ignored gives 0, not NaN.
+    row ignored gives 0, not NaN. A target outside [0, V) raises ValueError on CPU; on other devices the check is
+    PyTorch's device-side assert.
     """
     _check_targets(targets, logits.shape[0], logits.shape[-1], ignore_index)
     logits = logits.float()
@@ -63,9 +72,14 @@ def chunk_loss_and_grad(
     z_loss: float,
     grad_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed loss of one chunk of logits and, given grad_scale (0-d), grad_scale * its fp32 gradient w.r.t. them."""
+    """Summed loss of one chunk of logits and, given grad_scale (0-d), grad_scale * its fp32 gradient w.r.t. them.
+
+    A target outside [0, V) (and not ignore_index) makes the summed loss and its row's gradient NaN, as in the kernel.
+    """
     valid = targets != ignore_index
-    safe_targets = targets.masked_fill(~valid, 0)[:, None]
+    bad = valid & ((targets < 0) | (targets >= logits.shape[-1]))
+    safe_targets = targets.masked_fill(~valid | bad, 0)[:, None]
+    row_weight = valid.float().masked_fill_(bad, float("nan"))  # 1 per counted row, 0 per ignored, NaN per bad
     # One fused pass that also upcasts half-precision logits; the softmax below reuses its buffer.
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     target_log_prob = log_probs.gather(1, safe_targets)[:, 0]
@@ -75,7 +89,7 @@ def chunk_loss_and_grad(
     if z_loss:
         lse = logits.gather(1, safe_targets)[:, 0].float() - target_log_prob  # logsumexp without another pass
         losses += z_loss * lse**2
-    loss_sum = (losses * valid).sum()
+    loss_sum = (losses * row_weight).sum()
     if grad_scale is None:
         return loss_sum, None
     # d/dlogits = softmax * (1 + 2 z lse) - (1 - eps) onehot(target) - eps / V, zero on ignored rows.
@@ -85,12 +99,27 @@ def chunk_loss_and_grad(
     if label_smoothing:
         grad.sub_(label_smoothing / logits.shape[-1])
     grad.scatter_add_(1, safe_targets, torch.full_like(target_log_prob[:, None], label_smoothing - 1))
-    return loss_sum, grad.mul_((valid * grad_scale)[:, None])
+    return loss_sum, grad.mul_((row_weight * grad_scale)[:, None])
 
 
-def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk so that one chunk of fp32 logits takes about 32 MiB (at least 16 rows)."""
-    return max(16, min(n_rows, (32 << 20) // (4 * vocab_size)))
+def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int) -> int:
+    """Rows per chunk: fp32 logits of about 32 MiB, but at least hidden_size rows (and 16), at most n_rows.
+
+    Each chunk reads and writes the fp32 [V, d] weight gradient once; with at least d rows that costs no more than a
+    read and write of the chunk's own fp32 logits, and those logits take no more memory than the gradient itself.
+    """
+    return min(max(n_rows, 1), max(16, hidden_size, (32 << 20) // (4 * vocab_size)))
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, rows: torch.Tensor) -> None:
+    """grad_weight (fp32 [V, d]) += grad_logits.T @ rows, multiplied in grad_logits' dtype, in place."""
+    rows = rows.to(grad_logits.dtype)  # under autocast rows may be fp32; calls with out= are not autocast
+    if grad_logits.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.T, rows)
+    elif grad_weight.is_cuda:  # the GEMM multiplies in half precision and accumulates into its fp32 output
+        torch.addmm(grad_weight, grad_logits.T, rows, out_dtype=torch.float32, out=grad_weight)
+    else:  # no half-in, fp32-out GEMM on CPU: a [V, d] product and its fp32 copy
+        grad_weight += (grad_logits.T @ rows).float()
 
 
 def chunked_loss_and_grads(
@@ -126,12 +155,8 @@ def chunked_loss_and_grads(
         grad_logits = grad_logits.to(matmul_dtype)
         if grad_hidden is not None:
             grad_hidden[start : start + chunk_rows] = grad_logits @ weight
-        if grad_weight is None:
-            continue
-        if grad_logits.dtype == torch.float32:
-            grad_weight.addmm_(grad_logits.T, rows)  # no [V, d] temporary
-        else:
-            grad_weight += (grad_logits.T @ rows).float()
+        if grad_weight is not None:
+            _add_weight_grad(grad_weight, grad_logits, rows)
     return total / n_valid, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
@@ -208,14 +233,26 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """cross_entropy(hidden [N, d] @ weight[V, d]^T, targets) without materialising the [N, V] logits.
 
-    Rows are processed `chunk_rows` at a time; gradients of hidden and weight are formed in the same pass.
+    Rows are processed `chunk_rows` at a time (default: default_chunk_rows); gradients of hidden and weight are
+    formed in the same pass.
+
+    Bad target ids: on CPU a target outside [0, V) that is not ignore_index raises ValueError. On CUDA that check
+    would wait on the device, so none is made: the kernel masks its read of the target's logit, and a bad target
+    turns the loss (and its row's gradient) into NaN, which the caller's finite-loss check reports.
+
+    Weight gradient, per call with N rows, C = chunk_rows, V x d weight of s bytes per element: each of the ceil(N / C)
+    chunks adds grad_logits[C, V]^T @ rows[C, d] into one fp32 [V, d] accumulator, reading and writing it once
+    (8 V d bytes; fp32 inputs, and fp16/bf16 on CUDA where the GEMM accumulates into its fp32 output), so
+    ceil(N / C) * 8 V d bytes, with no [V, d] temporary, plus 4 V d read and s V d written by the final cast to
+    weight's dtype. With C >= d (the default) the accumulation costs at most 8 N V + 8 V d bytes. Half-precision
+    inputs on CPU add, per chunk, a [V, d] product and its fp32 copy: 6 V d bytes of temporaries, 20 V d of traffic.
     """
     _check_linear_cross_entropy_args(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows)
     if use_triton(backend, hidden):
         from minigrok.kernels.linear_cross_entropy import chunk_loss_and_grad as chunk_fn
     else:
         chunk_fn = chunk_loss_and_grad
-    chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1])
     args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, chunk_fn)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(*args)

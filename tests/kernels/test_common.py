@@ -10,7 +10,7 @@ from minigrok.kernels import _common
 
 @pytest.mark.parametrize(
     "n_cols, block, num_warps",
-    [(1, 1, 4), (48, 64, 4), (2047, 2048, 8), (2048, 2048, 8), (5000, 8192, 16), (65536, 65536, 16)],
+    [(1, 1, 4), (48, 64, 4), (2047, 2048, 8), (2048, 2048, 8), (5000, 8192, 16), (65536, 8192, 16)],
 )
 def test_row_settings_block_and_warps(n_cols, block, num_warps):
     assert _common.row_settings(n_cols) == (block, num_warps)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import minigrok.functional as mf
 from minigrok.functional.cross_entropy import chunk_loss_and_grad, chunked_loss_and_grads, default_chunk_rows
@@ -302,12 +304,143 @@ def test_autocast_matmuls_no_worse_than_naive(backend):
     assert_no_worse_than_naive(ours, naive, ref)
 
 
-def test_default_chunk_rows_keeps_logits_near_32_mib():
-    rows = default_chunk_rows(100_000, 50_257)
+def test_default_chunk_rows_keeps_logits_near_32_mib_and_at_least_hidden_size():
+    rows = default_chunk_rows(100_000, 50_257, 128)
     assert rows * 50_257 * 4 <= 32 << 20 < (rows + 1) * 50_257 * 4
-    assert default_chunk_rows(10, 1000) == 16
-    assert default_chunk_rows(100_000, 4_000_000) == 16
-    assert default_chunk_rows(500, 1000) == 500
+    assert default_chunk_rows(100_000, 50_257, 2048) == 2048  # fp32 logits no larger than the fp32 weight gradient
+    assert default_chunk_rows(100_000, 4_000_000, 8) == 16
+    assert default_chunk_rows(10, 1000, 64) == 10
+    assert default_chunk_rows(500, 1000, 64) == 500
+
+
+@pytest.mark.parametrize("vocab, bad", [(1000, [1000, -5, 1003]), (65, [65, -1, 64 + 10**6])])
+def test_bad_targets_give_nan_rows_without_reading_them(vocab, bad):
+    """Off the CPU no host check runs: the kernel masks the target's load and turns only that row's loss into NaN."""
+    gen = torch.Generator().manual_seed(16)
+    logits = 2 * torch.randn(9, vocab, generator=gen)
+    targets = torch.randint(0, vocab, (9,), generator=gen)
+    targets[[1, 4, 7]] = torch.tensor(bad)
+    targets[2] = IGNORE
+    good = torch.tensor([i not in (1, 4, 7) for i in range(9)])
+    for chunk_fn in (chunk_loss_and_grad, kernel_module.chunk_loss_and_grad):
+        loss_sum, grad = chunk_fn(logits.clone(), targets, IGNORE, 0.1, 1e-4, torch.tensor(0.5))
+        assert loss_sum.isnan()
+        assert grad[~good].isnan().all() and grad[good].isfinite().all()
+        good_sum, good_grad = chunk_fn(logits[good].clone(), targets[good], IGNORE, 0.1, 1e-4, torch.tensor(0.5))
+        torch.testing.assert_close(grad[good], good_grad, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=rf"\[0, {vocab}\).*got values in \[{min(bad)}, {max(bad)}\]"):
+        mf.cross_entropy(logits, targets)  # on CPU the check costs nothing, so it runs
+
+
+class _NewTensorsOfShape(TorchDispatchMode):
+    """Records each op's name, and the name of each op whose output is a new tensor (not an input's storage) of shape."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.ops, self.allocations = shape, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        self.ops.append(str(func))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.shape == self.shape and not any(t.is_set_to(a) for a in inputs):
+                self.allocations.append(f"{func} {t.dtype}")
+        return out
+
+
+aten = torch.ops.aten
+# Ops whose result depends on tensor values the host must first read back: each one waits on a device.
+VALUE_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.equal.default, aten.is_nonzero.default}
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails every op that would wait on a device: a value read into Python, or a result shaped by tensor values."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if func is aten._local_scalar_dense.default or func in VALUE_DEPENDENT or bool_index:
+            raise AssertionError(f"{func} waits on the device to read tensor values")
+        out = func(*args, **(kwargs or {}))
+        if not all(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+            raise AssertionError(f"{func} returns a Python value, read from the device")
+        return out
+
+
+HOST_READS = {
+    "item": lambda t: t.sum().item(),
+    "int": lambda t: int(t.max()),
+    "bool": lambda t: bool((t < 0).any()),
+    "if": lambda t: 1 if t.sum() else 0,
+    "boolean mask": lambda t: t[t != IGNORE],
+    "nonzero": lambda t: (t != IGNORE).nonzero(),
+    "equal": lambda t: torch.equal(t, t),
+}
+
+
+@pytest.mark.parametrize("host_read", list(HOST_READS))
+def test_no_host_reads_catches_each_kind_of_wait(host_read):
+    """What the test below relies on: each way of waiting on the device raises under _NoHostReads."""
+    with _NoHostReads(), pytest.raises(AssertionError, match="device"):
+        HOST_READS[host_read](torch.randint(0, 9, (8,)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_device_path_never_waits_on_the_device(monkeypatch, backend, dtype):
+    """Forward and backward as on a GPU (the eager target check is off, as off the CPU) with every op that would wait
+    on the device failing: the loss stays a device tensor, the valid-row count too, and no branch reads a value."""
+    monkeypatch.setattr(ce_module, "_reading_back_is_free", lambda t: False)
+    for name in ("tolist", "numpy"):  # on a CPU tensor these read without dispatching an op
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a tensor's values were read"))
+    hidden, weight, targets = make_inputs(70, 48, 1000, seed=18)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    opts = dict(label_smoothing=0.1, z_loss=1e-4, chunk_rows=16, backend=backend)
+    with _NoHostReads():
+        loss, grad_h, grad_w = loss_and_grads(mf.linear_cross_entropy, hidden, weight, targets, **opts)
+    ref = loss_and_grads(mf.linear_cross_entropy, hidden, weight, targets, **opts)
+    for got, expected in zip((loss, grad_h, grad_w), ref, strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-output half-precision GEMM is CUDA's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_weight_gradient_accumulates_inside_the_gemm(dtype):
+    """No [V, d] temporary per chunk: peak memory stays below the fp32 accumulator, its cast and two chunks' worth."""
+    n, d, vocab, chunk_rows = 256, 512, 8192, 16
+    hidden, weight, targets = (t.cuda() for t in make_inputs(n, d, vocab, seed=19))
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    args = (hidden, weight, targets, IGNORE, 0.1, 1e-4, chunk_rows, kernel_module.chunk_loss_and_grad, True, True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, grad_h, grad_w = chunked_loss_and_grads(*args)
+    torch.cuda.synchronize()
+    chunk_bytes = chunk_rows * vocab * (2 + 4 + 2)  # a chunk's logits, their fp32 copy, its cast gradient
+    assert torch.cuda.max_memory_allocated() - before <= vocab * d * (4 + 2) + n * d * 2 + 2 * chunk_bytes
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, IGNORE, 0.1, 1e-4)
+    naive = loss_and_grads(naive_loss, hidden, weight, targets, IGNORE, 0.1, 1e-4)
+    assert_no_worse_than_naive((loss, grad_h, grad_w), naive, ref)
+
+
+def test_cpu_half_weight_gradient_costs_what_the_docstring_says():
+    """The [V, d] tensors made, by dtype: in fp32 only the accumulator (one in-place addmm per chunk) and backward's
+    scaled gradient; in bf16 on CPU (no half-in, fp32-out GEMM there) also a bf16 product and its fp32 copy per chunk
+    and the final cast."""
+    hidden, weight, targets = make_inputs(70, 48, 1000, seed=17)
+
+    def recorded(dtype: torch.dtype) -> _NewTensorsOfShape:
+        h, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+        with _NewTensorsOfShape((1000, 48)) as recorder:
+            mf.linear_cross_entropy(h, w, targets, chunk_rows=16).backward()
+        return recorder
+
+    fp32, bf16 = recorded(torch.float32), recorded(torch.bfloat16)
+    assert fp32.allocations == ["aten.zeros.default torch.float32", "aten.mul.Tensor torch.float32"]
+    assert fp32.ops.count("aten.addmm_.default") == 5  # ceil(70 / 16) chunks
+    per_chunk = ["aten.mm.default torch.bfloat16", "aten._to_copy.default torch.float32"]
+    final = ["aten._to_copy.default torch.bfloat16", "aten.mul.Tensor torch.bfloat16"]
+    assert bf16.allocations == ["aten.zeros.default torch.float32", *per_chunk * 5, *final]
 
 
 @pytest.mark.slow

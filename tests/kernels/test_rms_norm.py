@@ -14,6 +14,7 @@ from checks import (
     max_err,
 )
 
+from minigrok.kernels import rms_norm as kernel_module
 from minigrok.kernels.rms_norm import rms_norm
 
 EPS = 1e-5
@@ -49,11 +50,9 @@ def assert_is_sum(s: torch.Tensor, x: torch.Tensor, residual: torch.Tensor) -> N
         assert torch.equal(s, x + residual)
 
 
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("hidden", [48, 80, 256, 576, 960])
-@pytest.mark.parametrize("leading", [(1,), (7,), (2, 65)], ids=["rows1", "rows7", "rows130"])
-def test_fp32_matches_float64(leading, hidden, with_residual, poison_empty):
-    inputs, grads_out = make_case((*leading, hidden), torch.float32, with_residual)
+def assert_fp32_matches_float64(shape: tuple[int, ...], with_residual: bool) -> None:
+    """y (and s), dx, dweight (and dresidual) within 1e-5 relative of float64; s exactly x + residual."""
+    inputs, grads_out = make_case(shape, torch.float32, with_residual)
     outs, grads = forward_backward(triton_fn, inputs, grads_out)
     ref_outs, ref_grads = forward_backward(reference, [t.double() for t in inputs], grads_out)
     check_outputs_finite(outs + grads)
@@ -63,6 +62,13 @@ def test_fp32_matches_float64(leading, hidden, with_residual, poison_empty):
     if with_residual:
         assert_is_sum(outs[1], inputs[0], inputs[2])
         assert torch.equal(grads[0], grads[2])  # s = x + residual: both get d s
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [48, 80, 256, 576, 960])
+@pytest.mark.parametrize("leading", [(1,), (7,), (2, 65)], ids=["rows1", "rows7", "rows130"])
+def test_fp32_matches_float64(leading, hidden, with_residual, poison_empty):
+    assert_fp32_matches_float64((*leading, hidden), with_residual)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -83,6 +89,22 @@ def test_low_precision_within_twice_torch_error(dtype, hidden, with_residual, po
     assert_matches_reference(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads, dtype)
     if with_residual:
         assert_is_sum(outs[1], inputs[0], inputs[2])
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [64, 200, 257])
+def test_rows_wider_than_the_block_loop_over_blocks(monkeypatch, hidden, with_residual, poison_empty):
+    """With the block capped at 64, rows of one, several and a partial last block take the looping path."""
+    monkeypatch.setattr(kernel_module, "_MAX_BLOCK", 64)
+    assert_fp32_matches_float64((2, 65, hidden), with_residual)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [16384, 20000])
+def test_very_wide_rows(hidden, with_residual, poison_empty):
+    """Past MAX_ROW_BLOCK (8192) a row no longer sits in registers; few rows keep the interpreter quick."""
+    assert hidden > kernel_module._MAX_BLOCK
+    assert_fp32_matches_float64((5, hidden), with_residual)
 
 
 def test_dweight_is_deterministic():
