@@ -256,6 +256,14 @@ class Trainer:
         if not math.isfinite(loss_value):
             found = checkpoint.checkpoint_dirs(self.run_dir)
             last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            # On CUDA an out-of-range target makes its row NaN rather than stop the step: tell the two apart here.
+            vocab_size = self.model.config.vocab_size
+            largest = max(int(self.sampler.batch(self.step, m)[1].max()) for m in range(config.grad_accum))
+            if largest >= vocab_size:
+                raise TrainingDiverged(
+                    f"step {self.step} reads token id {largest}, outside the model's vocabulary of {vocab_size}: "
+                    f"{self.sampler.path} is corrupt or from another tokenizer; delete the run's data/ to re-encode it"
+                )
             raise TrainingDiverged(
                 f"loss is {loss_value} at step {self.step}: training diverged; {last}. "
                 "Lower train.lr, raise train.warmup_steps or use train.dtype=fp32"

@@ -135,6 +135,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data, tmp_pa
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
+def test_a_target_outside_the_vocabulary_is_named_not_taken_for_divergence(data, tmp_path, monkeypatch):
+    import importlib
+
+    cross_entropy = importlib.import_module("minigrok.functional.cross_entropy")  # the module, not the function
+    # As on CUDA, where the loss checks no values (that would wait on the device): a bad target gives a NaN row.
+    monkeypatch.setattr(cross_entropy, "_reading_back_is_free", lambda t: False)
+    trainer = make_trainer(data, tmp_path / "run", max_steps=4)
+    batch = trainer.sampler.batch
+
+    def corrupt(step, micro_step=0):  # a damaged token file whose bad id lands only in a window's last target
+        inputs, targets = batch(step, micro_step)
+        targets[:, -1] = MODEL["vocab_size"] + 3
+        return inputs, targets
+
+    monkeypatch.setattr(trainer.sampler, "batch", corrupt)
+    with pytest.raises(TrainingDiverged, match=r"step 0 reads token id 323, outside the model's vocabulary of 320"):
+        trainer.train()
+
+
 def test_pruning_keeps_the_best_checkpoint(data, tmp_path):
     trainer = make_trainer(data, tmp_path / "run", max_steps=12, keep_last=1, ckpt_every=2, eval_every=2)
     trainer.train()
