@@ -36,13 +36,8 @@ _FWD_TILES = (
     _Tile(32, 64, 4, 3, 256, 256),
     _Tile(32, 32, 4, 2, 256, 256),
 )
-_DQ_TILES = (
-    _Tile(128, 64, 8, 3, 64, 128),
-    _Tile(64, 64, 4, 3, 128, 128),
-    _Tile(64, 32, 4, 2, 256, 256),
-    _Tile(32, 64, 4, 3, 256, 256),
-    _Tile(32, 32, 4, 2, 256, 256),
-)
+# dQ holds one more [BLOCK_M, BLOCK_N] tile than the forward pass, so on sm_8x its widest tile stops at head dim 64.
+_DQ_TILES = (_Tile(128, 64, 8, 3, 64, 128), *_FWD_TILES[1:])
 # dK/dV hold two fp32 accumulators and the K and V tiles for the whole loop, so they take fewer, narrower tiles.
 _DKDV_TILES = (
     _Tile(64, 128, 8, 1, 64, 128),
