@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -14,24 +16,89 @@ _LN2 = math.log(2.0)
 _LOG2E = 1.0 / math.log(2.0)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the autotuner drops any that run out of shared memory.
-_GPU_CONFIGS = ((32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3))
+@dataclass(frozen=True)
+class _Tile:
+    """An autotune candidate, and the widest head block it compiles for without register spills on sm_8x / sm_9x."""
+
+    block_m: int  # query rows
+    block_n: int  # key rows
+    num_warps: int
+    num_stages: int
+    max_head_sm8x: int
+    max_head_sm9x: int
 
 
-def _configs() -> list[triton.Config]:
-    # The CPU interpreter cannot benchmark, so it gets exactly one config.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_CONFIGS]
+# Per kernel, widest first; tests/kernels/test_gpu_compile.py compiles each for sm_80 and sm_90 and checks the limits.
+_FWD_TILES = (
+    _Tile(128, 64, 8, 3, 128, 128),
+    _Tile(64, 64, 4, 3, 128, 128),
+    _Tile(64, 32, 4, 2, 256, 256),
+    _Tile(32, 64, 4, 3, 256, 256),
+    _Tile(32, 32, 4, 2, 256, 256),
+)
+# dQ holds one more [BLOCK_M, BLOCK_N] tile than the forward pass, so on sm_8x its widest tile stops at head dim 64.
+_DQ_TILES = (_Tile(128, 64, 8, 3, 64, 128), *_FWD_TILES[1:])
+# dK/dV hold two fp32 accumulators and the K and V tiles for the whole loop, so they take fewer, narrower tiles.
+_DKDV_TILES = (
+    _Tile(64, 128, 8, 1, 64, 128),
+    _Tile(32, 64, 4, 2, 64, 128),
+    _Tile(32, 32, 4, 1, 256, 256),
+)
+
+
+def _shared_memory(tile: _Tile, block_d: int, elem: int, rows_once: int, rows_per_step: int) -> int:
+    """Upper bound on one program's shared memory in bytes, within 60 % of what the compiler allocates on sm_80 and
+    sm_90: the tiles loaded once, num_stages copies (at least two) of those loaded each step, one [BLOCK_M,
+    BLOCK_N] tile staged between two dots, and the pipelined fp32 row statistics (LSE, delta)."""
+    copies = max(tile.num_stages, 2)
+    tiles = block_d * (rows_once + copies * rows_per_step) + tile.block_m * tile.block_n
+    return elem * tiles + 8 * tile.block_m * copies
+
+
+def _autotune(tiles: tuple[_Tile, ...], rows: Callable[[int, int], tuple[int, int]]):
+    """Autotune over `tiles`, keeping only those that fit this GPU's shared memory and do not spill at this head dim.
+
+    `rows(BLOCK_M, BLOCK_N)` gives the rows of [*, BLOCK_D] tiles the kernel loads once and at each step. The key
+    buckets the lengths to powers of two, so a new prompt length reuses the choice made for its bucket.
+    """
+    by_config = {(t.block_m, t.block_n, t.num_warps, t.num_stages): t for t in tiles}
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        q, block_d = named_args["Q"], kwargs["BLOCK_D"]
+        props = torch.cuda.get_device_properties(q.device)
+        kept = []
+        for config in configs:
+            tile = by_config[(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)]
+            max_head = tile.max_head_sm9x if props.major >= 9 else tile.max_head_sm8x
+            shared = _shared_memory(tile, block_d, q.element_size(), *rows(tile.block_m, tile.block_n))
+            if block_d <= max_head and shared <= props.shared_memory_per_block_optin:
+                kept.append(config)
+        return kept
+
+    if INTERPRET:  # the CPU interpreter cannot benchmark, so it gets exactly one config
+        configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    else:
+        configs = [
+            triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages)
+            for t in tiles
+        ]
+    key = ["T_Q_BUCKET", "T_K_BUCKET", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
+
+
+# On a GPU, half-precision tiles go to tl.dot as they are (native bf16/fp16 MMA, fp32 accumulation); the CPU
+# interpreter gets half-precision arithmetic wrong, tl.dot included, so there every tile is upcast to fp32 on load.
+_UPCAST = tl.constexpr(INTERPRET)
 
 
 @triton.jit
 def _load_tile(base, rows, stride_row, n_rows, cols, stride_col, n_cols):
-    """Load a [rows, cols] tile as fp32, zero-filling out-of-range rows and columns."""
+    """Load a [rows, cols] tile in its own dtype (fp32 under the interpreter), zero-filling out-of-range entries."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tile = tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-    # Upcast before any arithmetic: the CPU interpreter gets half-precision math wrong.
-    return tile.to(tl.float32)
+    if _UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
 
 
 @triton.jit
@@ -76,7 +143,7 @@ def _query_range(first_key, offset, T_Q, window, CAUSAL: tl.constexpr, BLOCK_M: 
     return lo, hi
 
 
-@triton.autotune(configs=_configs(), key=["T_Q", "BLOCK_D", "CAUSAL"])
+@_autotune(_FWD_TILES, lambda m, n: (m, 2 * n))  # Q once; K, V each step
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
@@ -84,7 +151,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
-    n_heads, group_size, T_Q, T_K, HEAD_DIM, qk_scale, window,
+    n_heads, group_size, T_Q, T_K, HEAD_DIM, qk_scale, window, T_Q_BUCKET, T_K_BUCKET,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -116,7 +183,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Rows past T_Q may see no key at all; they are never stored, so guard only against dividing by zero.
@@ -142,10 +209,10 @@ def _attn_bwd_preprocess_kernel(
     dims = tl.arange(0, BLOCK_D)
     o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T_Q, dims, stride_od, HEAD_DIM)
     do = _load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
-    tl.store(DELTA + bh * T_Q + rows, tl.sum(o * do, 1), mask=rows < T_Q)
+    tl.store(DELTA + bh * T_Q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T_Q)
 
 
-@triton.autotune(configs=_configs(), key=["T_Q", "BLOCK_D", "CAUSAL"])
+@_autotune(_DKDV_TILES, lambda m, n: (2 * n, 2 * m))  # K, V once; Q, dO each step
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
@@ -155,7 +222,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    n_kv_heads, group_size, T_Q, T_K, HEAD_DIM, sm_scale, qk_scale, window,
+    n_kv_heads, group_size, T_Q, T_K, HEAD_DIM, sm_scale, qk_scale, window, T_Q_BUCKET, T_K_BUCKET,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -188,10 +255,10 @@ def _attn_bwd_dkdv_kernel(
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             qk_t = tl.where(_visible(rows[None, :] + offset, keys[:, None], T_K, window, CAUSAL), qk_t, float("-inf"))
             p_t = tl.exp2(qk_t - lse[None, :])
-            dv = tl.dot(p_t, do, dv, input_precision=DOT_PRECISION)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     _store_tile(
         DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, keys, stride_dkt, T_K, dims, stride_dkd, HEAD_DIM
@@ -199,7 +266,7 @@ def _attn_bwd_dkdv_kernel(
     _store_tile(DV + b * stride_dvb + kv_h * stride_dvh, dv, keys, stride_dvt, T_K, dims, stride_dvd, HEAD_DIM)
 
 
-@triton.autotune(configs=_configs(), key=["T_Q", "BLOCK_D", "CAUSAL"])
+@_autotune(_DQ_TILES, lambda m, n: (2 * m, 2 * n))  # Q, dO once; K, V each step
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
@@ -208,7 +275,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    n_heads, group_size, T_Q, T_K, HEAD_DIM, sm_scale, qk_scale, window,
+    n_heads, group_size, T_Q, T_K, HEAD_DIM, sm_scale, qk_scale, window, T_Q_BUCKET, T_K_BUCKET,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -238,7 +305,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, rows, stride_dqt, T_Q, dims, stride_dqd, HEAD_DIM)
 
@@ -257,21 +324,26 @@ def _softmax_scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _kernel_args(q: torch.Tensor, kv_len: int, causal: bool, scale: float | None, window: int | None) -> dict:
+def _kernel_args(
+    q: torch.Tensor, kv_len: int, causal: bool, scale: float | None, window: int | None, allow_tf32: bool
+) -> dict:
     """Scalar and constexpr arguments shared by the forward and backward launches."""
     head_dim = q.shape[-1]
     return {
+        # Read by the autotuner's key only.
+        "T_Q_BUCKET": triton.next_power_of_2(q.shape[2]),
+        "T_K_BUCKET": triton.next_power_of_2(kv_len),
         "qk_scale": _softmax_scale(q, scale) * _LOG2E,  # scores go straight to base 2
         "window": kv_len if window is None else window,  # no window == one as wide as the keys
         "HEAD_DIM": head_dim,
         "CAUSAL": causal,
-        # Half inputs are exact in tf32; fp32 inputs keep full precision.
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        # Read only for fp32 tiles (half ones always run native MMA): tf32 tensor cores, or full-precision FMA.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32",
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
     }
 
 
-def _attention_forward(q, k, v, causal, scale, window, out=None):
+def _attention_forward(q, k, v, causal, scale, window, allow_tf32, out=None):
     """Launch the forward kernel; returns (out, lse) with lse in base 2."""
     _check_inputs(q, k, v)
     batch, n_heads, q_len, _ = q.shape
@@ -283,7 +355,7 @@ def _attention_forward(q, k, v, causal, scale, window, out=None):
             f"out must match q: got {tuple(out.shape)} {out.dtype} {out.device}, want {tuple(q.shape)} {q.dtype} {q.device}"
         )
     lse = torch.empty(batch, n_heads, q_len, dtype=torch.float32, device=q.device)
-    args = _kernel_args(q, kv_len, causal, scale, window)
+    args = _kernel_args(q, kv_len, causal, scale, window, allow_tf32)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -292,11 +364,11 @@ def _attention_forward(q, k, v, causal, scale, window, out=None):
     return out, lse
 
 
-def _attention_backward(do, q, k, v, out, lse, causal, scale, window):
+def _attention_backward(do, q, k, v, out, lse, causal, scale, window, allow_tf32):
     """Launch the three backward kernels; returns (dq, dk, dv) in the input dtype."""
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
-    args = _kernel_args(q, kv_len, causal, scale, window)
+    args = _kernel_args(q, kv_len, causal, scale, window, allow_tf32)
     sm_scale = _softmax_scale(q, scale)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -326,16 +398,16 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and the base-2 LSE; backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window):
-        out, lse = _attention_forward(q, k, v, causal, scale, window)
+    def forward(ctx, q, k, v, causal, scale, window, allow_tf32):
+        out, lse = _attention_forward(q, k, v, causal, scale, window, allow_tf32)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.window = causal, scale, window
+        ctx.causal, ctx.scale, ctx.window, ctx.allow_tf32 = causal, scale, window, allow_tf32
         return out
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = _attention_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.window)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _attention_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.window, ctx.allow_tf32)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(
@@ -345,12 +417,14 @@ def flash_attention(
     causal: bool = True,
     scale: float | None = None,
     window: int | None = None,
+    allow_tf32: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [B, Hq, Tq, D] and k, v [B, Hkv, Tk, D]; differentiable.
 
-    Query i sits at position i + Tk - Tq; query head h reads K/V head h // (Hq // Hkv).
+    Query i sits at position i + Tk - Tq; query head h reads K/V head h // (Hq // Hkv). fp32 inputs multiply on
+    tf32 tensor cores unless `allow_tf32=False` asks for full fp32 products (slower); half inputs ignore it.
     """
-    return FlashAttentionFunction.apply(q, k, v, causal, scale, window)
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, window, allow_tf32)
 
 
 def flash_attention_forward(
@@ -361,10 +435,11 @@ def flash_attention_forward(
     scale: float | None = None,
     window: int | None = None,
     out: torch.Tensor | None = None,
+    allow_tf32: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward only, no autograd: returns (out, lse), lse the natural-log log-sum-exp, fp32 [B, Hq, Tq].
 
-    `out`, if given, is a buffer shaped and typed like q that receives the output.
+    `out`, if given, is a buffer shaped and typed like q that receives the output; `allow_tf32` as in flash_attention.
     """
-    out, lse = _attention_forward(q, k, v, causal, scale, window, out)
+    out, lse = _attention_forward(q, k, v, causal, scale, window, allow_tf32, out)
     return out, lse * _LN2
