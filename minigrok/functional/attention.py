@@ -58,11 +58,14 @@ def attention(
     scale: float | None = None,
     window: int | None = None,
     backend: str = "auto",
+    allow_tf32: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], query head h reading kv head h // (Hq // Hkv).
 
     `causal` masks future keys; `window` keeps only keys within `window` positions of the query. On Triton a single
-    query that needs no gradient (a decode step) takes the split-KV decode kernel, anything else FlashAttention.
+    query that needs no gradient (a decode step) takes the split-KV decode kernel, anything else FlashAttention,
+    whose fp32 dots use TF32 tensor cores unless `allow_tf32=False` (exact fp32; the decode kernel is always exact,
+    the PyTorch path follows torch.backends).
     """
     _check_attention_args(q, k, v, window)
     if use_triton(backend, q):
@@ -75,7 +78,7 @@ def attention(
             return decode_attention(q, k, v, scale=scale)
         from minigrok.kernels.attention import flash_attention
 
-        return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
+        return flash_attention(q, k, v, causal=causal, scale=scale, window=window, allow_tf32=allow_tf32)
     q_len, kv_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     causal = causal and q_len > 1  # a single query at the end of the keys sees all of them

@@ -239,3 +239,20 @@ SWEEP = [
 @pytest.mark.parametrize("case", SWEEP, ids=case_id)
 def test_sweep_fp32(case):
     check_fp32(case)
+
+
+@pytest.mark.parametrize("allow_tf32, precision", [(True, "tf32"), (False, "ieee")])
+def test_functional_passes_the_fp32_dot_precision_to_flash_attention(allow_tf32, precision, monkeypatch):
+    import minigrok.kernels.attention as flash
+
+    seen, kernel_args = [], flash._kernel_args
+
+    def recorded(*args):
+        settings = kernel_args(*args)
+        seen.append(settings["DOT_PRECISION"])
+        return settings
+
+    monkeypatch.setattr(flash, "_kernel_args", recorded)
+    q, k, v = torch.randn(1, 4, 17, 32), torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32)  # a prefill
+    attention(q, k, v, backend="triton", allow_tf32=allow_tf32)
+    assert seen == [precision]
