@@ -18,7 +18,8 @@ _LOG2E = 1.0 / math.log(2.0)
 
 @dataclass(frozen=True)
 class _Tile:
-    """An autotune candidate, and the widest head block it compiles for without register spills on sm_8x / sm_9x."""
+    """An autotune candidate, and the widest head block it compiles for without register spills on sm_8x / sm_9x,
+    for 2-byte (bf16, fp16) and for fp32 inputs; 0 where it spills even at the narrowest head block."""
 
     block_m: int  # query rows
     block_n: int  # key rows
@@ -26,23 +27,39 @@ class _Tile:
     num_stages: int
     max_head_sm8x: int
     max_head_sm9x: int
+    max_head_fp32_sm8x: int
+    max_head_fp32_sm9x: int
+
+    def max_head(self, major: int, elem: int) -> int:
+        """The widest head block without spills on a GPU of compute capability `major` for `elem`-byte inputs."""
+        if elem == 4:
+            return self.max_head_fp32_sm9x if major >= 9 else self.max_head_fp32_sm8x
+        return self.max_head_sm9x if major >= 9 else self.max_head_sm8x
 
 
-# Per kernel, widest first; tests/kernels/test_gpu_compile.py compiles each for sm_80 and sm_90 and checks the limits.
+# Per kernel, widest first; the limits were measured with tests/kernels/test_gpu_compile.py, which compiles each
+# tile for sm_80 and sm_90 and checks them. fp32 tiles hold twice the bytes, so they stop at narrower head blocks.
 _FWD_TILES = (
-    _Tile(128, 64, 8, 3, 128, 128),
-    _Tile(64, 64, 4, 3, 128, 128),
-    _Tile(64, 32, 4, 2, 256, 256),
-    _Tile(32, 64, 4, 3, 256, 256),
-    _Tile(32, 32, 4, 2, 256, 256),
+    _Tile(128, 64, 8, 3, 128, 128, 128, 256),
+    _Tile(64, 64, 4, 3, 128, 128, 0, 128),
+    _Tile(64, 32, 4, 2, 256, 256, 128, 256),
+    _Tile(32, 64, 4, 3, 0, 256, 0, 256),
+    _Tile(32, 32, 4, 2, 256, 256, 256, 256),
 )
-# dQ holds one more [BLOCK_M, BLOCK_N] tile than the forward pass, so on sm_8x its widest tile stops at head dim 64.
-_DQ_TILES = (_Tile(128, 64, 8, 3, 64, 128), *_FWD_TILES[1:])
+# dQ holds one more [BLOCK_M, BLOCK_N] tile than the forward pass, so its tiles stop at narrower head blocks.
+_DQ_TILES = (
+    _Tile(128, 64, 8, 3, 64, 128, 32, 128),
+    _Tile(64, 64, 4, 3, 128, 128, 64, 128),
+    _Tile(64, 32, 4, 2, 256, 256, 128, 128),
+    _Tile(32, 64, 4, 3, 256, 64, 16, 32),
+    _Tile(32, 32, 4, 2, 256, 256, 256, 256),
+)
 # dK/dV hold two fp32 accumulators and the K and V tiles for the whole loop, so they take fewer, narrower tiles.
 _DKDV_TILES = (
-    _Tile(64, 128, 8, 1, 64, 128),
-    _Tile(32, 64, 4, 2, 64, 128),
-    _Tile(32, 32, 4, 1, 256, 256),
+    _Tile(64, 128, 8, 1, 32, 128, 16, 64),
+    _Tile(32, 64, 4, 2, 64, 64, 32, 64),
+    _Tile(64, 32, 8, 1, 64, 64, 256, 64),
+    _Tile(32, 32, 4, 1, 256, 256, 16, 0),
 )
 
 
@@ -66,14 +83,16 @@ def _autotune(tiles: tuple[_Tile, ...], rows: Callable[[int, int], tuple[int, in
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         q, block_d = named_args["Q"], kwargs["BLOCK_D"]
         props = torch.cuda.get_device_properties(q.device)
-        kept = []
+        kept, fitting = [], []
         for config in configs:
             tile = by_config[(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)]
-            max_head = tile.max_head_sm9x if props.major >= 9 else tile.max_head_sm8x
             shared = _shared_memory(tile, block_d, q.element_size(), *rows(tile.block_m, tile.block_n))
-            if block_d <= max_head and shared <= props.shared_memory_per_block_optin:
-                kept.append(config)
-        return kept
+            if shared <= props.shared_memory_per_block_optin:
+                fitting.append(config)
+                if block_d <= tile.max_head(props.major, q.element_size()):
+                    kept.append(config)
+        # Past every tile's spill-free head block (head dims over 128 only), the narrowest tile that fits still runs.
+        return kept or fitting[-1:]
 
     if INTERPRET:  # the CPU interpreter cannot benchmark, so it gets exactly one config
         configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
