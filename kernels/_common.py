@@ -1,7 +1,9 @@
-"""What the kernel files share: the interpreter switch, supported dtypes, row views and row launch settings.
+"""What the kernel files share: the interpreter switch, supported dtypes, tile loads and stores, row views and row
+launch settings.
 
-Every kernel upcasts what it loads to fp32 before any arithmetic: the CPU interpreter gets half-precision math wrong,
-and fp32 is the precision the ops promise anyway.
+Elementwise and reduction kernels compute in fp32 whatever they load (the precision the ops promise). Dots take
+half-precision tiles as they are on a GPU (native MMA, fp32 accumulation); the CPU interpreter gets half-precision
+math wrong, tl.dot included, so under it every loaded tile is upcast to fp32.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Triton reads TRITON_INTERPRET when @triton.jit decorates, so this is fixed at import, as the kernels are.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,3 +47,23 @@ def row_settings(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]
     """
     block = min(triton.next_power_of_2(n_cols), max_block)
     return block, 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+UPCAST = tl.constexpr(INTERPRET)  # tiles upcast on load: only under the interpreter
+
+
+@triton.jit
+def load_tile(base, rows, stride_row, n_rows, cols, stride_col, n_cols):
+    """Load a [rows, cols] tile in its own dtype (fp32 under the interpreter), zero-filling out-of-range entries."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tile = tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def store_tile(base, tile, rows, stride_row, n_rows, cols, stride_col, n_cols):
+    """Store a [rows, cols] tile in the destination's dtype, skipping out-of-range entries."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, tile.to(base.dtype.element_ty), mask=mask)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype
+from ._common import INTERPRET, check_dtype, load_tile, store_tile
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / math.log(2.0)
@@ -105,27 +105,6 @@ def _autotune(tiles: tuple[_Tile, ...], rows: Callable[[int, int], tuple[int, in
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
-# On a GPU, half-precision tiles go to tl.dot as they are (native bf16/fp16 MMA, fp32 accumulation); the CPU
-# interpreter gets half-precision arithmetic wrong, tl.dot included, so there every tile is upcast to fp32 on load.
-_UPCAST = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _load_tile(base, rows, stride_row, n_rows, cols, stride_col, n_cols):
-    """Load a [rows, cols] tile in its own dtype (fp32 under the interpreter), zero-filling out-of-range entries."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tile = tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-    if _UPCAST:
-        tile = tile.to(tl.float32)
-    return tile
-
-
-@triton.jit
-def _store_tile(base, tile, rows, stride_row, n_rows, cols, stride_col, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, tile.to(base.dtype.element_ty), mask=mask)
-
-
 @triton.jit
 def _visible(q_pos, k_pos, T_K, window, CAUSAL: tl.constexpr):
     """Key k_pos is visible to query q_pos: in range, not in the future (causal), and closer than `window`."""
@@ -183,7 +162,7 @@ def _attn_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     # Online softmax in base 2: qk_scale already holds log2(e), so exp2 replaces exp. The running max starts
@@ -194,20 +173,20 @@ def _attn_fwd_kernel(
     lo, hi = _key_range(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + cols
-        k_t = _load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
+        k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+        v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Rows past T_Q may see no key at all; they are never stored, so guard only against dividing by zero.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    _store_tile(
+    store_tile(
         Out + b * stride_ob + h * stride_oh, acc / l_safe[:, None], rows, stride_ot, T_Q, dims, stride_od, HEAD_DIM
     )
     tl.store(LSE + bh * T_Q + rows, m_i + tl.log2(l_safe), mask=rows < T_Q)
@@ -226,8 +205,8 @@ def _attn_bwd_preprocess_kernel(
     b, h = bh // n_heads, bh % n_heads
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T_Q, dims, stride_od, HEAD_DIM)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
+    o = load_tile(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T_Q, dims, stride_od, HEAD_DIM)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
     tl.store(DELTA + bh * T_Q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T_Q)
 
 
@@ -252,8 +231,8 @@ def _attn_bwd_dkdv_kernel(
     keys = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
 
-    k = _load_tile(K + b * stride_kb + kv_h * stride_kh, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
-    v = _load_tile(V + b * stride_vb + kv_h * stride_vh, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+    k = load_tile(K + b * stride_kb + kv_h * stride_kh, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
+    v = load_tile(V + b * stride_vb + kv_h * stride_vh, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, hi = _query_range(start_n * BLOCK_N, offset, T_Q, window, CAUSAL, BLOCK_M, BLOCK_N)
@@ -266,8 +245,8 @@ def _attn_bwd_dkdv_kernel(
         row_base = (b * n_kv_heads * group_size + h) * T_Q
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
-            do = _load_tile(do_base, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
+            q = load_tile(q_base, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
+            do = load_tile(do_base, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
             lse = tl.load(LSE + row_base + rows, mask=rows < T_Q, other=0.0)
             delta = tl.load(DELTA + row_base + rows, mask=rows < T_Q, other=0.0)
             # Work transposed ([keys, queries]) so that dK and dV accumulate without transposing P.
@@ -279,10 +258,10 @@ def _attn_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
-    _store_tile(
+    store_tile(
         DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, keys, stride_dkt, T_K, dims, stride_dkd, HEAD_DIM
     )
-    _store_tile(DV + b * stride_dvb + kv_h * stride_dvh, dv, keys, stride_dvt, T_K, dims, stride_dvd, HEAD_DIM)
+    store_tile(DV + b * stride_dvb + kv_h * stride_dvh, dv, keys, stride_dvt, T_K, dims, stride_dvd, HEAD_DIM)
 
 
 @_autotune(_DQ_TILES, lambda m, n: (2 * m, 2 * n))  # Q, dO once; K, V each step
@@ -307,8 +286,8 @@ def _attn_bwd_dq_kernel(
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T_Q, dims, stride_qd, HEAD_DIM)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dot, T_Q, dims, stride_dod, HEAD_DIM)
     lse = tl.load(LSE + bh * T_Q + rows, mask=rows < T_Q, other=0.0)
     delta = tl.load(DELTA + bh * T_Q + rows, mask=rows < T_Q, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
@@ -317,8 +296,8 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + cols
-        k = _load_tile(k_base, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
-        v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+        k = load_tile(k_base, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
+        v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
         p = tl.exp2(qk - lse[:, None])
@@ -326,7 +305,7 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
-    _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, rows, stride_dqt, T_Q, dims, stride_dqd, HEAD_DIM)
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, rows, stride_dqt, T_Q, dims, stride_dqd, HEAD_DIM)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

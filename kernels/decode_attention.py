@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, row_settings
+from ._common import check_dtype, load_tile, row_settings
 
 _LOG2E = 1.0 / math.log(2.0)
 # Enough programs to fill about twice the SMs of the GPU at hand; without one (the interpreter), those of an H100.
@@ -28,17 +28,6 @@ KEY_TILE_BYTES = 16384  # one [BLOCK_N, BLOCK_D] tile of K (and one of V) per pi
 
 
 @triton.jit
-def _load_tile(base, rows, stride_row, n_rows, cols, stride_col, n_cols, UPCAST: tl.constexpr):
-    """Load a [rows, cols] tile, zero outside n_rows x n_cols; fp32 only with UPCAST (the interpreter's half math
-    is wrong), so that on a GPU half-precision tiles feed native half-precision dots."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tile = tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-    if UPCAST:
-        tile = tile.to(tl.float32)
-    return tile
-
-
-@triton.jit
 def _decode_split_kernel(
     Q, K, V, Part, PartLSE,
     stride_qb, stride_qh, stride_qd,
@@ -46,7 +35,7 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_pb, stride_ph, stride_ps, stride_pd,
     n_kv_heads, group_size, T_K, HEAD_DIM, chunk_len, qk_scale,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
@@ -58,7 +47,7 @@ def _decode_split_kernel(
     dims = tl.arange(0, BLOCK_D)
 
     q_base = Q + b * stride_qb + first_head * stride_qh
-    q = _load_tile(q_base, rows, stride_qh, group_size, dims, stride_qd, HEAD_DIM, UPCAST)
+    q = load_tile(q_base, rows, stride_qh, group_size, dims, stride_qd, HEAD_DIM)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     # Online softmax in base 2 over this split's keys; every split holds at least one key, so l_i ends > 0.
@@ -68,14 +57,14 @@ def _decode_split_kernel(
     lo = split * chunk_len  # chunk_len is a multiple of BLOCK_N, so only the cache's end needs a mask
     for start_n in range(lo, tl.minimum(lo + chunk_len, T_K), BLOCK_N):
         keys = start_n + cols
-        k_t = _load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K, UPCAST)
+        k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(keys[None, :] < T_K, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM, UPCAST)
+        v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
         # P in V's dtype: on a GPU a native half-precision dot, accumulating in fp32.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -104,7 +93,7 @@ def _merge_splits_kernel(
     lse = tl.load(PartLSE + bh * n_splits + splits, mask=splits < n_splits, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, 0))
     part_base = Part + b * stride_pb + h * stride_ph
-    part = _load_tile(part_base, splits, stride_ps, n_splits, dims, stride_pd, HEAD_DIM, False)
+    part = load_tile(part_base, splits, stride_ps, n_splits, dims, stride_pd, HEAD_DIM)
     out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight, 0)
     out_ptrs = Out + b * stride_ob + h * stride_oh + dims * stride_od
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=dims < HEAD_DIM)
@@ -157,7 +146,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         q, k, v, part, part_lse,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *part.stride(),
         n_kv_heads, group_size, kv_len, head_dim, chunk, qk_scale,
-        UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact
         BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip
