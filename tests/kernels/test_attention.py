@@ -256,3 +256,30 @@ def test_functional_passes_the_fp32_dot_precision_to_flash_attention(allow_tf32,
     q, k, v = torch.randn(1, 4, 17, 32), torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32)  # a prefill
     attention(q, k, v, backend="triton", allow_tf32=allow_tf32)
     assert seen == [precision]
+
+
+@pytest.mark.parametrize("major, shared_memory", [(8, 166912), (9, 232448)])
+def test_the_autotuner_keeps_a_config_for_every_head_dim_and_dtype(major, shared_memory, monkeypatch):
+    """The GPU's tile tables, pruned as on an sm_80 / sm_90 card: never empty, so every launch finds a config."""
+    import types
+
+    import triton
+
+    import minigrok.kernels.attention as flash
+
+    props = types.SimpleNamespace(major=major, minor=0, shared_memory_per_block_optin=shared_memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    for kernel, tiles in [
+        (flash._attn_fwd_kernel, flash._FWD_TILES),
+        (flash._attn_bwd_dq_kernel, flash._DQ_TILES),
+        (flash._attn_bwd_dkdv_kernel, flash._DKDV_TILES),
+    ]:
+        configs = [
+            triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages)
+            for t in tiles
+        ]
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for block_d in (16, 32, 64, 128, 256):
+                q = torch.empty(1, 1, 1, block_d, dtype=dtype)
+                kept = kernel.early_config_prune(configs, {"Q": q}, BLOCK_D=block_d)
+                assert kept, f"{kernel.fn.__name__}: no config left for {dtype} at head block {block_d} on sm_{major}0"

@@ -274,6 +274,8 @@ def compile_matrix(matrix: Matrix) -> tuple[list[Result], list[str]]:
             for arch in ARCHS:
                 with on_gpu(arch):
                     configs = candidate_configs(launch.kernel, launch.args, launch.kwargs)
+                if not configs:  # the autotuner would have nothing to launch
+                    raise AssertionError(f"{launch.module}.{launch.name} sm_{arch} {_describe(launch)}: no config left")
                 if not matrix.every_config:
                     configs = [max(configs, key=lambda config: _tile_size(config[1]))]
                 for config, kwargs in configs:
