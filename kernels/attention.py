@@ -146,6 +146,17 @@ def _query_range(first_key, offset, T_Q, window, CAUSAL: tl.constexpr, BLOCK_M: 
     return lo, hi
 
 
+@triton.jit
+def online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one block of base-2 scores qk and its values v into the running max m_i, sum l_i and output acc."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    # P in V's dtype: on a GPU a native half-precision dot, accumulating in fp32.
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
 @_autotune(_FWD_TILES, lambda m, n: (m, 2 * n))  # Q once; K, V each step
 @triton.jit
 def _attn_fwd_kernel(
@@ -181,13 +192,8 @@ def _attn_fwd_kernel(
         k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
 
     # Rows past T_Q may see no key at all; they are never stored, so guard only against dividing by zero.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

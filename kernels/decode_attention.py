@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_dtype, load_tile, row_settings
+from .attention import online_softmax_step
 
 _LOG2E = 1.0 / math.log(2.0)
 # Enough programs to fill about twice the SMs of the GPU at hand; without one (the interpreter), those of an H100.
@@ -60,14 +61,8 @@ def _decode_split_kernel(
         k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(keys[None, :] < T_K, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
-        # P in V's dtype: on a GPU a native half-precision dot, accumulating in fp32.
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
 
     heads = first_head + rows
     part = Part + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dims[None, :] * stride_pd
