@@ -51,9 +51,9 @@ _FWD_TILES = (
 # dQ holds one more [BLOCK_M, BLOCK_N] tile than the forward pass, so its tiles stop at narrower head blocks.
 _DQ_TILES = (
     _Tile(128, 64, 8, 3, 64, 128, 32, 128),
-    _Tile(64, 64, 4, 3, 128, 128, 64, 128),
+    _Tile(64, 64, 4, 3, 128, 128, 32, 128),
     _Tile(64, 32, 4, 2, 256, 256, 128, 128),
-    _Tile(32, 64, 4, 3, 256, 64, 16, 32),
+    _Tile(32, 64, 4, 3, 256, 64, 16, 16),
     _Tile(32, 32, 4, 2, 256, 256, 256, 256),
     _Tile(32, 16, 4, 2, 0, 0, 0, 0, last_resort=True),
 )
@@ -147,6 +147,18 @@ def _query_range(first_key, offset, T_Q, window, CAUSAL: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
+def _keys_seen_by_all(first_pos, T_K, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[lo, hi) of the keys every query at first_pos .. first_pos + BLOCK_M - 1 sees: a key block inside it needs
+    no mask. Causal attention masks only the diagonal blocks (and a window's edge), so most blocks skip the mask."""
+    lo = tl.maximum(first_pos + BLOCK_M - window, 0)
+    if CAUSAL:
+        hi = tl.minimum(first_pos + 1, T_K)
+    else:
+        hi = tl.minimum(first_pos + window, T_K)
+    return lo, hi
+
+
+@triton.jit
 def online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """Fold one block of base-2 scores qk and its values v into the running max m_i, sum l_i and output acc."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -187,11 +199,13 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M, BLOCK_N)
+    all_lo, all_hi = _keys_seen_by_all(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + cols
         k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
+        if (start_n < all_lo) | (start_n + BLOCK_N > all_hi):
+            qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
         v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
         m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
 
@@ -262,6 +276,8 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + rows, mask=rows < T_Q, other=0.0)
             # Work transposed ([keys, queries]) so that dK and dV accumulate without transposing P.
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            # Masked in every block: skipping the mask off the diagonal, as the other two kernels do, costs this
+            # kernel's loop the registers it lacks (spills at 32x64 tiles on sm_80).
             qk_t = tl.where(_visible(rows[None, :] + offset, keys[:, None], T_K, window, CAUSAL), qk_t, float("-inf"))
             p_t = tl.exp2(qk_t - lse[None, :])
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -305,12 +321,14 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + kv_h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M, BLOCK_N)
+    all_lo, all_hi = _keys_seen_by_all(start_m * BLOCK_M + offset, T_K, window, CAUSAL, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + cols
         k = load_tile(k_base, keys, stride_kt, T_K, dims, stride_kd, HEAD_DIM)
         v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
+        if (start_n < all_lo) | (start_n + BLOCK_N > all_hi):
+            qk = tl.where(_visible(rows[:, None] + offset, keys[None, :], T_K, window, CAUSAL), qk, float("-inf"))
         p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

@@ -29,6 +29,11 @@ MAX_PROBE_DIM = 1024  # wider weights are probed on a slice this wide: the same 
 FIRST_LEVEL_FLOPS = 5e6  # work of the race's first (smallest) problem: ~5 ms even at 1 GFLOP/s
 
 
+def reading_back_is_free(t: torch.Tensor) -> bool:
+    """True on the CPU, where reading a tensor's values into Python waits for nothing; elsewhere it waits on the device."""
+    return t.device.type == "cpu"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

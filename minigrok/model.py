@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from . import functional
 from .config import ModelConfig
+from .machine import reading_back_is_free
 
 
 class ModelOutput:
@@ -170,8 +171,8 @@ class MiniGrok(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def check_input_ids(self, input_ids: torch.Tensor, start: int = 0) -> None:
-        """Raise ValueError for ids outside the vocabulary or a sequence past max_seq_len."""
+    def check_input_ids(self, input_ids: torch.Tensor, start: int = 0, values: bool = True) -> None:
+        """Raise ValueError for a sequence past max_seq_len or (with `values`) ids outside the vocabulary."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an integer tensor [batch, seq]; got {input_ids.dtype} {tuple(input_ids.shape)}"
@@ -181,7 +182,7 @@ class MiniGrok(nn.Module):
                 f"sequence length {start + input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}: "
                 "truncate the input or build the model with a larger max_seq_len"
             )
-        if input_ids.numel() and not torch.compiler.is_compiling():  # value checks sync; compiled graphs skip them
+        if values and input_ids.numel() and not torch.compiler.is_compiling():  # compiled graphs skip value checks
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
@@ -197,7 +198,8 @@ class MiniGrok(nn.Module):
         With a `cache`, input_ids continue the cached sequence and the cache advances by T.
         """
         start = 0 if cache is None else cache.length
-        self.check_input_ids(input_ids, start)
+        # Reading the ids back would make every forward wait on a GPU: there generate() checks them once per prompt.
+        self.check_input_ids(input_ids, start, values=reading_back_is_free(input_ids))
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(input_ids)

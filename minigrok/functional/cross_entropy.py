@@ -12,19 +12,15 @@ from collections.abc import Callable
 
 import torch
 
+from ..machine import reading_back_is_free
 from ._dispatch import use_triton
-
-
-def _reading_back_is_free(t: torch.Tensor) -> bool:
-    """True on the CPU, where reading a tensor's values into Python waits for nothing; elsewhere it waits on the device."""
-    return t.device.type == "cpu"
 
 
 def _check_targets(targets: torch.Tensor, n_rows: int, vocab_size: int, ignore_index: int) -> None:
     if targets.shape != (n_rows,):
         raise ValueError(f"cross-entropy: targets must have shape [{n_rows}], got {tuple(targets.shape)}")
     # Reading the ids back would wait on the device: there a bad id gives a NaN loss (see chunk_loss_and_grad).
-    if not _reading_back_is_free(targets) or torch.compiler.is_compiling():
+    if not reading_back_is_free(targets) or torch.compiler.is_compiling():
         return
     valid = targets[targets != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):

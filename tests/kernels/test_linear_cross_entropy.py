@@ -390,7 +390,7 @@ def test_no_host_reads_catches_each_kind_of_wait(host_read):
 def test_device_path_never_waits_on_the_device(monkeypatch, backend, dtype):
     """Forward and backward as on a GPU (the eager target check is off, as off the CPU) with every op that would wait
     on the device failing: the loss stays a device tensor, the valid-row count too, and no branch reads a value."""
-    monkeypatch.setattr(ce_module, "_reading_back_is_free", lambda t: False)
+    monkeypatch.setattr(ce_module, "reading_back_is_free", lambda t: False)
     for name in ("tolist", "numpy"):  # on a CPU tensor these read without dispatching an op
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a tensor's values were read"))
     hidden, weight, targets = make_inputs(70, 48, 1000, seed=18)

@@ -159,6 +159,18 @@ def test_generate_stops_at_stop_tokens_and_streams():
     assert streamed == free[0, 4:].tolist()
 
 
+def test_forward_reads_ids_back_only_where_that_is_free(monkeypatch):
+    """On a GPU the forward pass must not wait on the device to check ids; generate() still checks each prompt."""
+    import minigrok.model
+
+    model = MiniGrok(small_config())
+    monkeypatch.setattr(minigrok.model, "reading_back_is_free", lambda t: False)
+    with pytest.raises(IndexError):  # the embedding's own error: no value check ran first
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 97\)"):
+        model.generate(torch.tensor([[1, 97]]), 2)
+
+
 def test_input_errors_name_the_problem():
     model = MiniGrok(small_config())
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 97\)"):
