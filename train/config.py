@@ -9,6 +9,8 @@ from typing import Any
 from minigrok.config import ConfigError, ModelConfig, check_fields, load_yaml, parse_overrides, show
 from minigrok.machine import TORCH_DTYPES
 
+from .shards import SHARD_TOKENS
+
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", *TORCH_DTYPES)
 
@@ -74,6 +76,12 @@ class TrainConfig:
     """share of the corpus held out for validation when no --val-data is given (fixed once the run starts)"""
     peak_flops: float | None = None
     """matmul peak in FLOP/s behind MFU (null = measured on this machine)"""
+    data_workers: int = 1
+    """processes that tokenise the corpus (1: this process; the tokens are the same for any number)"""
+    text_field: str = "text"
+    """field of .jsonl records, Parquet column or dataset field that holds each document's text"""
+    shard_tokens: int = SHARD_TOKENS
+    """tokens per file of the encoded corpus (data/<split>/<name>/shard-*.bin)"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens", "log_every", "ckpt_every"):
@@ -81,6 +89,10 @@ class TrainConfig:
         for name in ("warmup_steps", "seed"):
             self._check_int(name, minimum=0)
         self._check_int("keep_last", minimum=1)
+        self._check_int("data_workers", minimum=1)
+        self._check_int("shard_tokens", minimum=1)
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"train.text_field={show(self.text_field)} must be a field name, e.g. text")
         self._check_int("tokenizer_vocab_size", minimum=259)
         for name in ("max_steps", "max_tokens"):
             if getattr(self, name) is not None:

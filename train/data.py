@@ -1,57 +1,81 @@
-"""The token files the trainer reads (train.bin, val.bin, meta.json), encoded from a corpus and reused while fresh,
-and the batches drawn from them."""
+"""The token files the trainer reads, encoded from the run's corpora and reused while fresh, and the batches drawn
+from them.
+
+data/<split>/<name>/ holds one split of one corpus as token shards with their index.json (see shards.py); a corpus
+given without a name is "corpus". data/meta.json sums them up: the tokenizer, the dtype, and per split its tokens,
+bytes, documents, corpus fingerprint and sources (with their weights).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from minigrok.files import atomic_write, write_json
+from minigrok.files import write_json
 
-from .corpus import CorpusSplit, DataError, discover_corpus, split_corpus, utf8_clean
+from .corpus import (
+    DEFAULT_TEXT_FIELD,
+    CorpusSplit,
+    DataError,
+    discover_corpus,
+    mixture_fingerprint,
+    parse_data,
+    split_corpus,
+    split_mixture,
+)
+from .shards import INDEX_NAME, SHARD_TOKENS, TokenStream, encode_shards, shard_name, token_dtype
 from .tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
-META_FORMAT = 1
-_BATCH_CHARS = 1 << 20  # text per encode_batch call: large enough for the tokenizers thread pool, small in memory
+META_FORMAT = 2
+FLAT_FILES = ("train.bin", "val.bin")  # the layout before shards: one flat file per split, re-encoded when met
+
+__all__ = ["SHARD_TOKENS", "BatchSampler", "TokenFiles", "TokenStream", "encode_corpus", "prepare_data", "token_dtype"]
 
 
 @dataclass
 class TokenFiles:
-    """Where prepare_data put the token files, their dtype, and meta.json's content."""
+    """Where prepare_data put the token shards (root = the data directory), their dtype, and meta.json's content."""
 
-    train_path: Path
-    val_path: Path
+    root: Path
     dtype: str
     meta: dict
 
-    def path(self, split: str) -> Path:
+    def _split(self, split: str) -> dict:
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}: choose one of {SPLITS}")
-        return self.train_path if split == "train" else self.val_path
+        return self.meta["splits"][split]
+
+    def streams(self, split: str) -> dict[str, TokenStream]:
+        """Each source's token stream in `split`, mapped from disk (not read into memory)."""
+        return {
+            name: TokenStream([self.root / split / name / shard_name(i) for i in range(stats["shards"])], self.dtype)
+            for name, stats in self._split(split)["sources"].items()
+        }
+
+    def tokens(self, split: str) -> TokenStream:
+        """The split's token ids, every source's shards read as one array (len and slices), mapped from disk."""
+        self._split(split)
+        return TokenStream([path for stream in self.streams(split).values() for path in stream.paths], self.dtype)
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes of text per token in `split`: turns a loss in nats/token into bits/byte."""
-        self.path(split)  # rejects an unknown split name
-        stats = self.meta["splits"][split]
+        stats = self._split(split)
         return stats["n_bytes"] / stats["n_tokens"]
 
-    def tokens(self, split: str) -> np.memmap:
-        """The split's token ids, mapped from disk (not read into memory)."""
-        return np.memmap(self.path(split), dtype=self.dtype, mode="r")
-
     def sampler(self, split: str, batch_size: int, seq_len: int, seed: int) -> BatchSampler:
-        """The split's batches: the one way the trainer draws them."""
-        return BatchSampler(self.path(split), self.dtype, batch_size, seq_len, seed)
+        """The split's batches, each row from a source drawn by its weight: the one way the trainer draws them."""
+        weights = {name: stats["weight"] for name, stats in self._split(split)["sources"].items()}
+        return BatchSampler(self.streams(split), batch_size, seq_len, seed, weights, path=self.root / split)
 
 
 def prepare_data(
@@ -60,66 +84,85 @@ def prepare_data(
     train_paths: list[str] | None,
     val_paths: list[str] | None = None,
     val_fraction: float = 0.05,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    workers: int = 1,
+    shard_tokens: int = SHARD_TOKENS,
 ) -> TokenFiles:
-    """Encode the corpus (None = built-in) into out_dir/train.bin and val.bin plus meta.json; reuse fresh files.
+    """Encode the corpus (None = built-in; name=path:weight entries make a mixture) into token shards under out_dir
+    plus meta.json; reuse fresh shards and continue an encoding a kill interrupted.
 
-    Each .bin is one flat array of token ids, documents joined by eos_id (empty documents are skipped), uint16 when
-    the tokenizer has at most 65536 ids, else uint32. A split is re-encoded when the tokenizer, the files it reads
-    (path, size, mtime) or the split rule changed, or its .bin is missing or the wrong size.
+    Each split of each source is one stream of token ids, documents joined by eos_id (empty documents are skipped),
+    uint16 when the tokenizer has at most 65536 ids, else uint32, cut into shards of shard_tokens. It is encoded
+    again when the tokenizer, the files it reads (path, size, mtime), the split rule or the text field changed, or
+    a shard is missing or the wrong size (from that shard on). `workers` processes encode it (1: this process).
     """
     out_dir = Path(out_dir)
-    splits = split_corpus(train_paths, val_paths, val_fraction)
-    for name, split in splits.items():
-        if not split.sources:
-            raise DataError(f"{_split_word(name)} split is empty: give --val-data or more files")
-    dtype = token_dtype(tokenizer)
-    tokenizer_meta = {
-        "fingerprint": tokenizer.fingerprint(),
-        "kind": tokenizer.kind,
-        "vocab_size": tokenizer.vocab_size,
+    sources = parse_data(train_paths)
+    weights = {source.name: source.weight or 1.0 for source in sources}
+    splits = split_mixture(sources, val_paths, val_fraction, text_field)
+    for split, parts in splits.items():
+        for name, part in parts.items():
+            if not part.sources:
+                raise DataError(f"{_label(split, name, parts)} is empty: give --val-data or more files")
+    meta = {
+        "format": META_FORMAT,
+        "tokenizer": {
+            "fingerprint": tokenizer.fingerprint(),
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+        },
+        "dtype": token_dtype(tokenizer).name,
+        "shard_tokens": shard_tokens,
+        "splits": {},
     }
-    meta = {"format": META_FORMAT, "tokenizer": tokenizer_meta, "dtype": dtype.name, "splits": {}}
-    old = _read_meta(out_dir / META_NAME)
-    same_encoding = all(old.get(key) == meta[key] for key in ("format", "tokenizer", "dtype"))
-    for name, split in splits.items():
-        path = out_dir / f"{name}.bin"
-        fingerprint = split.fingerprint()
-        stats = old.get("splits", {}).get(name, {}) if same_encoding else {}
-        fresh = (
-            stats.get("corpus_fingerprint") == fingerprint
-            and path.is_file()
-            and path.stat().st_size == stats.get("n_tokens", -1) * dtype.itemsize
-        )
-        if not fresh:
-            (out_dir / META_NAME).unlink(missing_ok=True)  # never let a stale meta.json vouch for a half-rebuilt set
-            stats = _encode_split(name, split, tokenizer, path, dtype) | {"corpus_fingerprint": fingerprint}
-        meta["splits"][name] = stats
-    if meta != old:
+    for split, parts in splits.items():
+        totals = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0, "corpus_fingerprint": mixture_fingerprint(parts)}
+        totals["sources"] = {}
+        for name, part in parts.items():
+            label = _label(split, name, parts)
+            directory = out_dir / split / name
+            index = encode_shards(directory, part, tokenizer, part.fingerprint(), shard_tokens, workers, label)
+            if not index["n_tokens"]:
+                raise DataError(f"{label} is empty: give --val-data or more files")
+            counts = {key: index[key] for key in ("n_tokens", "n_bytes", "n_documents")}
+            totals["sources"][name] = counts | {"shards": len(index["shards"]), "weight": weights.get(name, 1.0)}
+            for key, value in counts.items():
+                totals[key] += value
+        meta["splits"][split] = totals
+        _remove_stale_sources(out_dir / split, parts)
+    _remove_flat_files(out_dir)
+    if meta != _read_meta(out_dir / META_NAME):
         write_json(out_dir / META_NAME, meta)
-    return TokenFiles(out_dir / "train.bin", out_dir / "val.bin", dtype.name, meta)
+    return TokenFiles(out_dir, meta["dtype"], meta)
 
 
-def token_dtype(tokenizer: Tokenizer) -> np.dtype:
-    """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
+def _label(split: str, name: str, parts: dict[str, CorpusSplit]) -> str:
+    """How messages name one split of one source: "training split", or "training split of code" in a mixture."""
+    word = "training split" if split == "train" else "validation split"
+    return word if len(parts) == 1 else f"{word} of {name}"
 
 
-def encode_corpus(tokenizer: Tokenizer, paths: list[str] | None) -> tuple[np.ndarray, int]:
-    """Every document of `paths` (None = the built-in corpus' validation files) as one token array joined by eos,
-    and the UTF-8 bytes of their text; for scoring a model on a corpus."""
-    split = split_corpus(None)["val"] if paths is None else CorpusSplit(tuple(discover_corpus(paths)))
-    dtype = token_dtype(tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = _encode_split("val", split, tokenizer, Path(tmp) / "tokens.bin", dtype)
-        return np.fromfile(Path(tmp) / "tokens.bin", dtype=dtype), stats["n_bytes"]
+def _remove_stale_sources(split_dir: Path, parts: dict[str, CorpusSplit]) -> None:
+    """Drop the shards of sources the run no longer has (a mixture changed with --new-data)."""
+    for directory in split_dir.iterdir():
+        if directory.name not in parts and (directory / INDEX_NAME).is_file():
+            shutil.rmtree(directory)
 
 
-def _split_word(name: str) -> str:
-    return "training" if name == "train" else "validation"
+def _remove_flat_files(out_dir: Path) -> None:
+    """A run directory of the flat layout has been encoded into shards (the same tokens): its files can go."""
+    flat = [out_dir / name for name in FLAT_FILES if (out_dir / name).is_file()]
+    for path in flat:
+        path.unlink()
+    if flat:
+        print(
+            f"{out_dir}: re-encoded the flat token files into shards (the same tokens) and removed them",
+            file=sys.stderr,
+        )
 
 
 def _read_meta(path: Path) -> dict:
-    """meta.json's content, or {} when it is missing or unreadable (everything is then rebuilt)."""
+    """meta.json's content, or {} when it is missing or unreadable."""
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -127,97 +170,83 @@ def _read_meta(path: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _encode_split(name: str, split: CorpusSplit, tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
-    stats = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0}
-    separator = np.array([tokenizer.eos_id], dtype)
-    replaced = {"bytes": 0, "files": set(), "first": None}
-
-    def texts() -> Iterator[str]:
-        """The split's documents as the tokenizer takes them: every byte for the byte tokenizer, valid text (and a
-        count of what was replaced) for BPE."""
-        for source, text in split.documents_with_sources():
-            stats["n_bytes"] += len(text.encode("utf-8", errors="surrogateescape"))  # the bytes on disk
-            if tokenizer.kind == "bpe":
-                text, count = utf8_clean(text)
-                if count:
-                    replaced["bytes"] += count
-                    replaced["files"].add(source.path)
-                    replaced["first"] = replaced["first"] or source.path
-            yield text
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f, tqdm(desc=f"encoding {name}", unit="doc", disable=None) as bar:
-            for batch in _batches(texts()):
-                arrays = []
-                for ids in tokenizer.encode_batch(batch):
-                    if stats["n_documents"]:
-                        arrays.append(separator)
-                    arrays.append(np.asarray(ids, dtype))
-                    stats["n_documents"] += 1
-                tokens = np.concatenate(arrays)
-                tokens.tofile(f)
-                stats["n_tokens"] += len(tokens)
-                bar.update(len(batch))
-        if not stats["n_tokens"]:
-            raise DataError(f"{_split_word(name)} split is empty: give --val-data or more files")
-
-    atomic_write(path, write)
-    if replaced["bytes"]:
-        print(
-            f"{_split_word(name)} split: {replaced['bytes']} bytes of invalid UTF-8 in {len(replaced['files'])} file(s), "
-            f"the first {replaced['first']}, became U+FFFD for the BPE tokenizer (the byte tokenizer keeps every byte)",
-            file=sys.stderr,
-        )
-    return stats
-
-
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
-    """Non-empty documents grouped into lists of about _BATCH_CHARS characters."""
-    batch, chars = [], 0
-    for text in documents:
-        if not text:
-            continue
-        batch.append(text)
-        chars += len(text)
-        if chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+def encode_corpus(tokenizer: Tokenizer, paths: list[str] | None) -> tuple[np.ndarray, int]:
+    """Every document of `paths` (None = the built-in corpus' validation files) as one token array joined by eos,
+    and the UTF-8 bytes of their text; for scoring a model on a corpus."""
+    split = split_corpus(None)["val"] if paths is None else CorpusSplit(tuple(discover_corpus(paths)))
+    with tempfile.TemporaryDirectory() as tmp:
+        index = encode_shards(Path(tmp), split, tokenizer, split.fingerprint(), SHARD_TOKENS)
+        stream = TokenStream([Path(tmp) / shard["file"] for shard in index["shards"]], token_dtype(tokenizer))
+        return np.array(stream[:]), index["n_bytes"]
 
 
 class BatchSampler:
-    """Random windows from a token file. batch(step, micro_step) depends only on (seed, step, micro_step),
+    """Random windows from token streams. batch(step, micro_step) depends only on (seed, step, micro_step), so a
+    resumed run, in any process, sees exactly the batches an uninterrupted run saw.
 
-    so a resumed run, in any process, sees exactly the batches an uninterrupted run saw.
+    Each row picks its source by weight (with one source, no draw), then a window start uniformly in that source's
+    stream. A window may cross a shard boundary: shards are cuts of one stream at fixed token counts, not
+    boundaries of documents, so every window of the stream is equally likely, as with one flat file.
     """
 
-    def __init__(self, path: str | Path, dtype: str | np.dtype, batch_size: int, seq_len: int, seed: int):
-        path, dtype = Path(path), np.dtype(dtype)
+    def __init__(
+        self,
+        streams: dict[str, TokenStream],
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        weights: dict[str, float] | None = None,
+        path: str | Path | None = None,
+    ):
         for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise DataError(f"{field}={value!r} must be a positive integer")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run prepare_data to build the token files")
-        size = path.stat().st_size
-        if size % dtype.itemsize:
-            raise DataError(
-                f"{path} has {size} bytes, not a whole number of {dtype.name} tokens: "
-                "the file is corrupt or the dtype wrong; delete it and run prepare_data again"
-            )
-        self.n_tokens = size // dtype.itemsize
-        if self.n_tokens < seq_len + 1:
-            raise DataError(
-                f"{path} has {self.n_tokens} tokens; need at least seq_len+1={seq_len + 1}: "
-                "lower train.seq_len or add data"
-            )
-        self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
-        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.names = list(streams)
+        self.streams = [streams[name] for name in self.names]
+        for name, stream in zip(self.names, self.streams, strict=True):
+            if len(stream) < seq_len + 1:
+                where = stream.paths[0].parent if len(stream.paths) > 1 else (stream.paths or [name])[0]
+                raise DataError(
+                    f"{where} has {len(stream)} tokens; need at least seq_len+1={seq_len + 1}: "
+                    "lower train.seq_len or add data"
+                )
+        weights = weights or dict.fromkeys(self.names, 1.0)
+        total = sum(weights[name] for name in self.names)
+        self.probabilities = np.array([weights[name] / total for name in self.names])
+        self.highs = np.array([len(stream) - seq_len for stream in self.streams], dtype=np.int64)
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.path = Path(path) if path is not None else self.streams[0].paths[0]
+        self.n_tokens = int(sum(len(stream) for stream in self.streams))
 
-    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [batch_size, seq_len]; targets are inputs shifted left by one token."""
+    def draw(self, step: int, micro_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each row, start of its window): the whole batch's choices, cheap to make."""
         rng = np.random.default_rng([self.seed, step, micro_step])
-        starts = rng.integers(0, self.n_tokens - self.seq_len, size=self.batch_size)
-        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
-        windows = torch.from_numpy(windows.astype(np.int64))
+        if len(self.streams) == 1:  # no source draw: the same windows as a single flat file gave
+            return np.zeros(self.batch_size, np.int64), rng.integers(0, self.highs[0], size=self.batch_size)
+        sources = rng.choice(len(self.streams), size=self.batch_size, p=self.probabilities)
+        return sources, rng.integers(0, self.highs[sources])
+
+    def batch(self, step: int, micro_step: int = 0, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [rows of batch_size, seq_len]; targets are inputs shifted left by one token.
+
+        `rows` reads part of the batch (rank r of a distributed run: rows [r*b:(r+1)*b] of the global batch); the
+        parts of a batch concatenated are the whole batch."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"rows={rows!r} must be a slice, e.g. slice(0, 8)")
+        sources, starts = (part[rows] for part in self.draw(step, micro_step))
+        length = self.seq_len + 1
+        windows = [self.streams[source][start : start + length] for source, start in zip(sources, starts, strict=True)]
+        windows = (
+            torch.from_numpy(np.stack(windows).astype(np.int64))
+            if windows
+            else torch.empty(0, length, dtype=torch.int64)
+        )
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def source_tokens(self, steps: Sequence[int], micro_steps: int) -> dict[str, int]:
+        """Training tokens each source gave to the batches of `steps` (each of micro_steps micro-batches)."""
+        counts = np.zeros(len(self.streams), np.int64)
+        for step in steps:
+            for micro_step in range(micro_steps):
+                counts += np.bincount(self.draw(step, micro_step)[0], minlength=len(self.streams))
+        return {name: int(count) * self.seq_len for name, count in zip(self.names, counts, strict=True)}

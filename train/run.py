@@ -22,14 +22,14 @@ from minigrok.model import MiniGrok
 
 from . import checkpoint
 from .config import TrainConfig
-from .corpus import DataError, split_corpus
+from .corpus import DataError, canonical_data, mixture_fingerprint, parse_data, split_mixture
 from .data import prepare_data
 from .tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
 from .trainer import Trainer
 
 RUN_NAME = "run.json"
 LOCK_NAME = ".lock"
-FIXED_ON_RESUME = ("tokenizer_vocab_size", "val_fraction")  # the run's tokenizer and split are made once
+FIXED_ON_RESUME = ("tokenizer_vocab_size", "val_fraction", "text_field")  # the run's tokenizer and data, made once
 
 
 def _absolute(specs: list[str] | None) -> list[str] | None:
@@ -41,10 +41,15 @@ def _describe(specs: list[str] | None) -> str:
     return "the built-in corpus" if specs is None else " ".join(specs)
 
 
-def _record_data(run_dir: Path, data: list[str] | None, val_data: list[str] | None, val_fraction: float) -> None:
+def _splits(data: list[str] | None, val_data: list[str] | None, config: TrainConfig) -> dict:
+    """{split: {source name: CorpusSplit}} of the run's corpus (a mixture's sources, or the one corpus)."""
+    return split_mixture(parse_data(data), val_data, config.val_fraction, config.text_field)
+
+
+def _record_data(run_dir: Path, data: list[str] | None, val_data: list[str] | None, config: TrainConfig) -> None:
     """run.json: the corpus (None: the built-in one), the validation corpus and each split's fingerprint."""
-    splits = split_corpus(data, val_data, val_fraction)
-    fingerprints = {name: split.fingerprint() for name, split in splits.items()}
+    splits = _splits(data, val_data, config)
+    fingerprints = {name: mixture_fingerprint(parts) for name, parts in splits.items()}
     write_json(run_dir / RUN_NAME, {"data": data, "val_data": val_data, "corpus_fingerprints": fingerprints})
 
 
@@ -57,6 +62,22 @@ def _read_record(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not {"data", "val_data", "corpus_fingerprints"} <= set(record):
         raise CheckpointError(f"{path} is not a run record (data, val_data, corpus_fingerprints): restore it")
     return record
+
+
+def _prepare(
+    run_dir: Path, tokenizer: Tokenizer, data: list[str] | None, val_data: list[str] | None, config: TrainConfig
+):
+    """The run's token shards in run_dir/data, encoded as the config says (reused when fresh)."""
+    return prepare_data(
+        run_dir / "data",
+        tokenizer,
+        data,
+        val_data,
+        config.val_fraction,
+        text_field=config.text_field,
+        workers=config.data_workers,
+        shard_tokens=config.shard_tokens,
+    )
 
 
 class RunLock:
@@ -115,14 +136,18 @@ def start_run(
     from train.seed (vocab_size follows the tokenizer unless model_values sets it), and the record of its data."""
     if checkpoint.checkpoint_dirs(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
-    data, val_data = _absolute(data), _absolute(val_data)
-    corpus = split_corpus(data, val_data, config.val_fraction)
-    tokenizer = load_or_train_tokenizer(tokenizer_spec, corpus["train"].clean_documents, config.tokenizer_vocab_size)
+    data, val_data = canonical_data(data), _absolute(val_data)
+    train_parts = _splits(data, val_data, config)["train"].values()
+
+    def texts():  # every training source's text, for a BPE tokenizer to learn from
+        return (text for part in train_parts for text in part.clean_documents())
+
+    tokenizer = load_or_train_tokenizer(tokenizer_spec, texts, config.tokenizer_vocab_size)
     model_config = ModelConfig.from_dict({"vocab_size": padded_vocab_size(tokenizer)} | model_values)
     check_vocab(tokenizer, model_config.vocab_size)
     tokenizer.save(run_dir / "tokenizer.json")
-    prepared = prepare_data(run_dir / "data", tokenizer, data, val_data, config.val_fraction)
-    _record_data(run_dir, data, val_data, config.val_fraction)
+    prepared = _prepare(run_dir, tokenizer, data, val_data, config)
+    _record_data(run_dir, data, val_data, config)
     torch.manual_seed(config.seed)  # the seed fixes the initial weights as well as the batches
     return Trainer(MiniGrok(model_config), config, prepared, tokenizer, run_dir, progress=progress)
 
@@ -146,16 +171,16 @@ def resume_run(
         if getattr(config, name) != value
     ]
     fixed = [name for name in FIXED_ON_RESUME if getattr(config, name) != getattr(old_config, name)]
-    if fixed and not (new_data and fixed == ["val_fraction"]):
+    if fixed and not (new_data and set(fixed) <= {"val_fraction", "text_field"}):
         raise ConfigError(
             f"--resume: train.{fixed[0]} is fixed by the run's {'tokenizer' if fixed[0] == 'tokenizer_vocab_size' else 'data split'}; "
-            f"drop the override (or start a new run{' or add --new-data' if fixed[0] == 'val_fraction' else ''})"
+            f"drop the override (or start a new run{'' if fixed[0] == 'tokenizer_vocab_size' else ' or add --new-data'})"
         )
     tokenizer = Tokenizer.load(Path(state["path"]))
-    data, val_data, data_change = _resume_data(run_dir, data, val_data, config.val_fraction, new_data)
-    prepared = prepare_data(run_dir / "data", tokenizer, data, val_data, config.val_fraction)
+    data, val_data, data_change = _resume_data(run_dir, data, val_data, config, new_data)
+    prepared = _prepare(run_dir, tokenizer, data, val_data, config)
     if data_change:
-        _record_data(run_dir, data, val_data, config.val_fraction)
+        _record_data(run_dir, data, val_data, config)
         changes.append(data_change)
     trainer = Trainer(
         MiniGrok(ModelConfig.from_dict(state["model_config"])), config, prepared, tokenizer, run_dir, progress
@@ -171,18 +196,18 @@ def _record_from_token_files(run_dir: Path, data: list[str] | None, val_data: li
     meta_path = run_dir / "data" / "meta.json"
     splits = (read_json(meta_path) if meta_path.is_file() else {}).get("splits", {})
     fingerprints = {name: stats.get("corpus_fingerprint") for name, stats in splits.items() if isinstance(stats, dict)}
-    return {"data": _absolute(data), "val_data": _absolute(val_data), "corpus_fingerprints": fingerprints}
+    return {"data": canonical_data(data), "val_data": _absolute(val_data), "corpus_fingerprints": fingerprints}
 
 
 def _resume_data(
-    run_dir: Path, data: list[str] | None, val_data: list[str] | None, val_fraction: float, new_data: bool
+    run_dir: Path, data: list[str] | None, val_data: list[str] | None, config: TrainConfig, new_data: bool
 ) -> tuple[list[str] | None, list[str] | None, str | None]:
     """(data, val_data, what changed or None) to resume on: the recorded corpus unless --data / --val-data name
     another, which needs `new_data`. Refuses, naming the fix, when the corpus is gone or its files changed since
     the run recorded them."""
     record = _read_record(run_dir) or _record_from_token_files(run_dir, data, val_data)
     old = (record["data"], record["val_data"])
-    asked = (_absolute(data) or old[0], _absolute(val_data) or old[1])
+    asked = (canonical_data(data) or old[0], _absolute(val_data) or old[1])
     change = None
     if asked != old:
         if not new_data:
@@ -193,14 +218,14 @@ def _resume_data(
             )
         change = f"corpus {_describe(old[0])} -> {_describe(asked[0])} (validation {_describe(asked[1])})"
     try:
-        splits = split_corpus(asked[0], asked[1], val_fraction)
+        splits = _splits(asked[0], asked[1], config)
     except FileNotFoundError as error:
         raise DataError(
             f"--resume: the run's corpus {_describe(asked[0])} is gone ({error}): restore it, or continue on "
             "another corpus with --data PATH --new-data"
         ) from error
     recorded = record["corpus_fingerprints"]
-    changed = [name for name, split in splits.items() if split.fingerprint() != recorded.get(name)]
+    changed = [name for name, parts in splits.items() if mixture_fingerprint(parts) != recorded.get(name)]
     if changed and change is None:
         if not new_data:
             raise DataError(

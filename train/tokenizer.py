@@ -133,6 +133,11 @@ class Tokenizer:
         """The content of tokenizer.json."""
         return _byte_json() if self._backend is None else json.loads(self._backend.to_str())
 
+    def __reduce__(self):
+        """Pickled as its tokenizer.json (as worker processes receive it) and rebuilt through the constructor, which
+        sets again what tokenizer.json leaves out."""
+        return _from_dict, (self.to_dict(),)
+
     def fingerprint(self) -> str:
         """sha256 hex of the canonical tokenizer.json content: equal fingerprints encode identically."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -197,6 +202,12 @@ class Tokenizer:
             return cls(backend)
         except TokenizerError as error:
             raise TokenizerError(f"{file}: {error}") from error
+
+
+def _from_dict(data: dict) -> Tokenizer:
+    if "minigrok_tokenizer" in data:
+        return Tokenizer()
+    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(data)))
 
 
 def _tokenizer_file(path: str | Path) -> Path:

@@ -365,6 +365,9 @@ class Trainer:
                         "tokens_per_s": tokens_per_s,
                         "mfu": tokens_per_s * self.flops_per_token / peak,
                     }
+                    if len(self.sampler.names) > 1:  # a mixture: the tokens each source gave since the last line
+                        steps = range(self.step - config.log_every, self.step)
+                        record["source_tokens"] = self.sampler.source_tokens(steps, config.grad_accum)
                     self.log(record)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_tokens = time.perf_counter(), 0

@@ -13,7 +13,10 @@ from .inference import inference_dtype, stream_text
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, training=True)
     parser.add_argument(
-        "--data", nargs="+", help="training corpus: files, directories, globs, .jsonl (default: built-in)"
+        "--data",
+        nargs="+",
+        help="training corpus: files, directories, globs, .jsonl, .parquet, saved datasets (default: built-in); "
+        "or a mixture of name=path:weight entries",
     )
     parser.add_argument("--val-data", nargs="+", help="validation corpus (default: held out from --data by file hash)")
     parser.add_argument("--tokenizer", default="bpe", help="bpe (trained on the data), byte, or a tokenizer.json path")
@@ -54,9 +57,15 @@ def run_train(args: argparse.Namespace) -> None:
 def train_and_sample(trainer, args: argparse.Namespace) -> None:
     """Train to the end of the budget, then print the final figures and args.samples samples."""
     data, model, tokenizer, train_config = trainer.data, trainer.model, trainer.tokenizer, trainer.config
-    print(
-        f"data: {data.meta['splits']['train']['n_tokens']:,} train / {data.meta['splits']['val']['n_tokens']:,} val tokens"
-    )
+    splits = data.meta["splits"]
+    print(f"data: {splits['train']['n_tokens']:,} train / {splits['val']['n_tokens']:,} val tokens")
+    sources = splits["train"]["sources"]
+    if len(sources) > 1:
+        total = sum(source["weight"] for source in sources.values())
+        for name, source in sources.items():
+            print(
+                f"  {name}: {source['n_tokens']:,} train tokens, weight {source['weight']:g} ({source['weight'] / total:.0%} of rows)"
+            )
     print(model.report(context=train_config.seq_len))
     final = trainer.train()
     print(

@@ -38,13 +38,13 @@ def segment_records(out):
 
 def test_resume_without_data_continues_on_the_recorded_corpus(run, tmp_path, monkeypatch, capsys):
     command, out, corpus = run
-    tokens = (out / "data" / "train.bin").read_bytes()
-    stamp = (out / "data" / "train.bin").stat().st_mtime_ns
+    shard = out / "data" / "train" / "corpus" / "shard-000000.bin"
+    tokens, stamp = shard.read_bytes(), shard.stat().st_mtime_ns
     monkeypatch.chdir(tmp_path / "corpus")  # another working directory: the recorded paths are absolute
     assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0
     assert "step 8: val loss" in capsys.readouterr().out
-    assert (out / "data" / "train.bin").read_bytes() == tokens  # not re-encoded from the built-in corpus
-    assert (out / "data" / "train.bin").stat().st_mtime_ns == stamp
+    assert shard.read_bytes() == tokens  # not re-encoded from the built-in corpus
+    assert shard.stat().st_mtime_ns == stamp
     assert json.loads((out / "run.json").read_text())["data"] == [str(corpus)]
 
 
@@ -178,13 +178,13 @@ def test_a_half_deleted_or_linked_checkpoint_is_passed_over_and_never_breaks_a_s
 def test_a_full_disk_during_data_preparation_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    import minigrok.train.data as data
+    import minigrok.train.shards as shards
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     corpus = write_corpus(tmp_path / "corpus", "full")
-    monkeypatch.setattr(data, "atomic_write", full)
+    monkeypatch.setattr(shards, "atomic_write", full)
     command = ["train", "--config", "tiny", "--out", str(tmp_path / "run"), "--data", str(corpus), "--samples", "0"]
     assert main(command) == 1
     err = capsys.readouterr().err.strip()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigrok.train.corpus import DataError, builtin_corpus_files, discover_corpus, split_by_hash
-from minigrok.train.data import BatchSampler, prepare_data
+from minigrok.train.data import BatchSampler, TokenStream, prepare_data
 from minigrok.train.tokenizer import byte_tokenizer, train_bpe
 
 BYTE = byte_tokenizer()
@@ -34,8 +34,12 @@ def corpus(tmp_path) -> Path:
     return root
 
 
-def read_tokens(path: Path, dtype: str = "uint16") -> list[int]:
-    return np.fromfile(path, dtype=dtype).tolist()
+def read_tokens(info, split: str) -> list[int]:
+    return info.tokens(split)[:].tolist()
+
+
+def shard(info, split: str, number: int = 0) -> Path:
+    return info.root / split / "corpus" / f"shard-{number:06d}.bin"
 
 
 def expected_tokens(tokenizer, texts: list[str]) -> list[int]:
@@ -74,8 +78,8 @@ def test_prepare_data_encodes_documents_joined_by_eos(corpus, tmp_path):
     val.write_text("held out\n")
     info = prepare_data(tmp_path / "data", BYTE, [str(corpus)], [str(val)])
     docs = ["alpha text\nsecond line é\n", "# beta ✓ 日本\n", "doc one", "doc two 😀", "print('gamma')\n"]
-    assert read_tokens(info.train_path) == expected_tokens(BYTE, docs)
-    assert read_tokens(info.val_path) == BYTE.encode("held out\n")
+    assert read_tokens(info, "train") == expected_tokens(BYTE, docs)
+    assert read_tokens(info, "val") == BYTE.encode("held out\n")
     train = info.meta["splits"]["train"]
     assert train["n_documents"] == 5  # the empty file is skipped
     assert train["n_tokens"] == sum(len(BYTE.encode(d)) for d in docs) + 4
@@ -84,7 +88,10 @@ def test_prepare_data_encodes_documents_joined_by_eos(corpus, tmp_path):
     assert info.meta["tokenizer"]["fingerprint"] == BYTE.fingerprint()
     assert json.loads((tmp_path / "data" / "meta.json").read_text()) == info.meta
     assert info.bytes_per_token("val") == 1.0 and info.bytes_per_token("train") < 1.0  # eos separators carry no bytes
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    files = sorted(p.relative_to(info.root).as_posix() for p in info.root.rglob("*") if p.is_file())
+    assert files == ["meta.json"] + [
+        f"{split}/corpus/{name}" for split in ("train", "val") for name in ("index.json", "shard-000000.bin")
+    ]
 
 
 def test_prepare_data_reuses_fresh_files_and_rebuilds_stale_ones(corpus, tmp_path, monkeypatch):
@@ -92,7 +99,7 @@ def test_prepare_data_reuses_fresh_files_and_rebuilds_stale_ones(corpus, tmp_pat
     val.write_text("held out\n")
     out = tmp_path / "data"
     first = prepare_data(out, BYTE, [str(corpus)], [str(val)])
-    mtimes = {p: p.stat().st_mtime_ns for p in (first.train_path, first.val_path)}
+    mtimes = {p: p.stat().st_mtime_ns for p in (shard(first, "train"), shard(first, "val"))}
 
     tok = byte_tokenizer()
     monkeypatch.setattr(tok, "encode_batch", lambda texts: pytest.fail("fresh data was re-encoded"))
@@ -111,10 +118,10 @@ def test_prepare_data_reuses_fresh_files_and_rebuilds_stale_ones(corpus, tmp_pat
     bpe = train_bpe(["alpha beta gamma doc one two"] * 20, vocab_size=280)
     rebuilt = prepare_data(out, bpe, [str(corpus)], [str(val)])
     assert rebuilt.meta["tokenizer"]["fingerprint"] == bpe.fingerprint()
-    assert read_tokens(rebuilt.val_path) == bpe.encode("held out\n")
+    assert read_tokens(rebuilt, "val") == bpe.encode("held out\n")
 
-    rebuilt.val_path.write_bytes(b"\x00\x00")  # damaged file: wrong size for its meta
-    assert read_tokens(prepare_data(out, bpe, [str(corpus)], [str(val)]).val_path) == bpe.encode("held out\n")
+    shard(rebuilt, "val").write_bytes(b"\x00\x00")  # damaged file: wrong size for its index
+    assert read_tokens(prepare_data(out, bpe, [str(corpus)], [str(val)]), "val") == bpe.encode("held out\n")
 
 
 def test_a_file_in_both_splits_is_an_error(corpus, tmp_path):
@@ -130,8 +137,8 @@ def test_token_dtype_follows_the_vocab_size(corpus, tmp_path):
     big.vocab_size = 70_000  # stands in for a tokenizer with more ids than uint16 holds
     large = prepare_data(tmp_path / "large", big, [str(corpus)], [str(val)])
     assert (small.dtype, large.dtype) == ("uint16", "uint32")
-    assert large.val_path.stat().st_size == 4 * len("held out\n")
-    assert read_tokens(large.train_path, "uint32") == read_tokens(small.train_path, "uint16")
+    assert shard(large, "val").stat().st_size == 4 * len("held out\n")
+    assert read_tokens(large, "train") == read_tokens(small, "train")
     sampler = large.sampler("val", batch_size=2, seq_len=4, seed=0)
     assert sampler.batch(0)[0].dtype == torch.int64
 
@@ -140,8 +147,8 @@ def test_single_file_holds_out_its_tail_at_a_line_boundary(tmp_path):
     lines = [f"line {i} {'x' * (i % 7)}\n" for i in range(100)]
     (tmp_path / "one.txt").write_text("".join(lines))
     info = prepare_data(tmp_path / "data", BYTE, [str(tmp_path / "one.txt")], None, val_fraction=0.1)
-    train = bytes(read_tokens(info.train_path)).decode()
-    val = bytes(read_tokens(info.val_path)).decode()
+    train = bytes(read_tokens(info, "train")).decode()
+    val = bytes(read_tokens(info, "val")).decode()
     assert train + val == "".join(lines)
     assert train.endswith("\n") and val in ["".join(lines[k:]) for k in range(1, 100)]
     assert 0.1 <= len(val) / (len(train) + len(val)) < 0.12
@@ -151,8 +158,8 @@ def test_single_jsonl_holds_out_its_last_documents(tmp_path):
     docs = [f"document number {i}" for i in range(20)]
     (tmp_path / "one.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     info = prepare_data(tmp_path / "data", BYTE, [str(tmp_path / "one.jsonl")], None, val_fraction=0.2)
-    assert read_tokens(info.train_path) == expected_tokens(BYTE, docs[:16])
-    assert read_tokens(info.val_path) == expected_tokens(BYTE, docs[16:])
+    assert read_tokens(info, "train") == expected_tokens(BYTE, docs[:16])
+    assert read_tokens(info, "val") == expected_tokens(BYTE, docs[16:])
     assert info.meta["splits"]["val"]["n_documents"] == 4
 
 
@@ -207,9 +214,13 @@ def write_ramp(path: Path, n: int) -> None:
     np.arange(n, dtype=np.uint16).tofile(path)
 
 
+def ramp_sampler(path: Path, **options) -> BatchSampler:
+    return BatchSampler({"t": TokenStream([path], "uint16")}, **options)
+
+
 def test_sampler_windows_come_from_the_file_with_shifted_targets(tmp_path):
     write_ramp(tmp_path / "t.bin", 1000)
-    sampler = BatchSampler(tmp_path / "t.bin", "uint16", batch_size=4, seq_len=16, seed=7)
+    sampler = ramp_sampler(tmp_path / "t.bin", batch_size=4, seq_len=16, seed=7)
     inputs, targets = sampler.batch(3)
     assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == targets.dtype == torch.int64
     for row, target in zip(inputs, targets, strict=True):
@@ -220,18 +231,18 @@ def test_sampler_windows_come_from_the_file_with_shifted_targets(tmp_path):
 
 def test_sampler_is_a_pure_function_of_seed_step_and_micro_step(tmp_path):
     write_ramp(tmp_path / "t.bin", 5000)
-    a = BatchSampler(tmp_path / "t.bin", "uint16", batch_size=8, seq_len=32, seed=1)
-    b = BatchSampler(tmp_path / "t.bin", "uint16", batch_size=8, seq_len=32, seed=1)
+    a = ramp_sampler(tmp_path / "t.bin", batch_size=8, seq_len=32, seed=1)
+    b = ramp_sampler(tmp_path / "t.bin", batch_size=8, seq_len=32, seed=1)
     b.batch(0), b.batch(99)  # draws in between change nothing
     assert all(torch.equal(x, y) for x, y in zip(a.batch(5, 1), b.batch(5, 1), strict=True))
     assert not torch.equal(a.batch(5)[0], a.batch(6)[0])
     assert not torch.equal(a.batch(5, 0)[0], a.batch(5, 1)[0])
-    other_seed = BatchSampler(tmp_path / "t.bin", "uint16", batch_size=8, seq_len=32, seed=2)
+    other_seed = ramp_sampler(tmp_path / "t.bin", batch_size=8, seq_len=32, seed=2)
     assert not torch.equal(a.batch(5)[0], other_seed.batch(5)[0])
 
 
 def batch_digest(path: Path) -> str:
-    inputs, targets = BatchSampler(path, "uint16", batch_size=8, seq_len=32, seed=1).batch(5, 1)
+    inputs, targets = ramp_sampler(path, batch_size=8, seq_len=32, seed=1).batch(5, 1)
     return hashlib.sha256(inputs.numpy().tobytes() + targets.numpy().tobytes()).hexdigest()
 
 
@@ -239,8 +250,8 @@ def test_sampler_batches_match_across_processes(tmp_path):
     write_ramp(tmp_path / "t.bin", 5000)
     script = (
         "import hashlib, sys\n"
-        "from minigrok.train.data import BatchSampler\n"
-        "inputs, targets = BatchSampler(sys.argv[1], 'uint16', batch_size=8, seq_len=32, seed=1).batch(5, 1)\n"
+        "from minigrok.train.data import BatchSampler, TokenStream\n"
+        "inputs, targets = BatchSampler({'t': TokenStream([sys.argv[1]], 'uint16')}, batch_size=8, seq_len=32, seed=1).batch(5, 1)\n"
         "print(hashlib.sha256(inputs.numpy().tobytes() + targets.numpy().tobytes()).hexdigest())\n"
     )
     env = dict(os.environ, PYTHONHASHSEED="123")
@@ -254,13 +265,13 @@ def test_sampler_batches_match_across_processes(tmp_path):
 def test_sampler_rejects_a_split_shorter_than_one_window(tmp_path):
     write_ramp(tmp_path / "t.bin", 16)
     with pytest.raises(DataError, match=r"has 16 tokens; need at least seq_len\+1=17: lower train.seq_len or add data"):
-        BatchSampler(tmp_path / "t.bin", "uint16", batch_size=1, seq_len=16, seed=0)
-    BatchSampler(tmp_path / "t.bin", "uint16", batch_size=1, seq_len=15, seed=0).batch(0)
+        ramp_sampler(tmp_path / "t.bin", batch_size=1, seq_len=16, seed=0)
+    ramp_sampler(tmp_path / "t.bin", batch_size=1, seq_len=15, seed=0).batch(0)
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(DataError, match="has 0 tokens"):
-        BatchSampler(tmp_path / "empty.bin", "uint16", batch_size=1, seq_len=4, seed=0)
+        ramp_sampler(tmp_path / "empty.bin", batch_size=1, seq_len=4, seed=0)
     with pytest.raises(FileNotFoundError, match="run prepare_data"):
-        BatchSampler(tmp_path / "missing.bin", "uint16", batch_size=1, seq_len=4, seed=0)
+        ramp_sampler(tmp_path / "missing.bin", batch_size=1, seq_len=4, seed=0)
 
 
 def test_invalid_utf8_is_kept_by_the_byte_tokenizer_and_counted_for_bpe(tmp_path, capsys):
@@ -272,7 +283,7 @@ def test_invalid_utf8_is_kept_by_the_byte_tokenizer_and_counted_for_bpe(tmp_path
     (root / "c.txt").write_text("more plain text\n" * 40)
     train_files = [str(root / "b.txt"), str(root / "c.txt")]
     byte_info = prepare_data(tmp_path / "byte", BYTE, train_files, [str(root / "a.txt")])
-    assert bytes(read_tokens(byte_info.val_path)) == raw  # every byte as it is on disk
+    assert bytes(read_tokens(byte_info, "val")) == raw  # every byte as it is on disk
     assert byte_info.meta["splits"]["val"]["n_bytes"] == len(raw)
     assert "invalid UTF-8" not in capsys.readouterr().err
     bpe = train_bpe(["plain text caf\ufffd"] * 10, 300)
