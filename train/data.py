@@ -187,7 +187,7 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 class BatchSampler:
-    """Random windows from a token file. batch(step, micro_step) depends only on (seed, step, micro_step),
+    """Random windows from a token file. batch(step, micro_step, rows) depends only on (seed, step, micro_step, rows),
 
     so a resumed run, in any process, sees exactly the batches an uninterrupted run saw.
     """
@@ -214,10 +214,13 @@ class BatchSampler:
         self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
         self.tokens = np.memmap(path, dtype=dtype, mode="r")
 
-    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [batch_size, seq_len]; targets are inputs shifted left by one token."""
+    def batch(self, step: int, micro_step: int = 0, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [batch_size, seq_len]; targets are inputs shifted left by one token.
+
+        `rows` reads only those rows of the batch: a process of a multi-process run takes its own slice of the
+        global batch, so together the processes see exactly the batch one process would."""
         rng = np.random.default_rng([self.seed, step, micro_step])
-        starts = rng.integers(0, self.n_tokens - self.seq_len, size=self.batch_size)
+        starts = rng.integers(0, self.n_tokens - self.seq_len, size=self.batch_size)[rows]
         windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
