@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "manifest.json"
+SHARDS_NAME = "shards"  # a sharded (FSDP) training checkpoint's weights, one safetensors file per process
 WEIGHT_DTYPES = {"F32", "BF16", "F16"}
 
 
@@ -121,12 +122,13 @@ def file_sha256(path: Path) -> str:
 
 
 def write_manifest(directory: str | Path, config: dict) -> None:
-    """manifest.json: the size and sha256 of every other file and the config they were saved with. Written last,
-    so a directory whose manifest matches its files is complete, and a flipped bit is caught on load."""
+    """manifest.json: the size and sha256 of every other file (and of the shards/ of a sharded checkpoint) and the
+    config they were saved with. Written last, so a directory whose manifest matches its files is complete, and a
+    flipped bit is caught on load."""
     directory = Path(directory)
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(directory.iterdir())
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted([*directory.iterdir(), *directory.glob(f"{SHARDS_NAME}/*")])
         if p.is_file() and p.name not in (MANIFEST_NAME, CONFIG_NAME) and not p.name.startswith(".")
     }
     write_json(directory / MANIFEST_NAME, {"format": 1, "config": config, "files": files})
@@ -195,6 +197,11 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu", 
 
     directory = Path(directory)
     config = read_config(directory)
+    if (directory / SHARDS_NAME).is_dir() and not (directory / WEIGHTS_NAME).exists():
+        raise CheckpointError(
+            f"{directory} holds its weights in shards (an FSDP training checkpoint): "
+            f"write its {WEIGHTS_NAME} with `minigrok consolidate {directory}` first"
+        )
     manifest = read_manifest(directory)
     if manifest is not None:
         saved = manifest.get("config") or {}

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from minigrok.checkpoint import (
+    CONFIG_NAME,
+    SHARDS_NAME,
     CheckpointError,
     check_files,
     load_model,
@@ -79,15 +81,32 @@ def _discard(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) -> Path:
+def clear_leftovers(run_dir: Path) -> None:
+    """Remove what saves and deletions that crashed left behind."""
+    for leftover in [*run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".ckpt-*.deleting")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """The hidden directory ckpt-<step> is assembled in before it is renamed into place."""
+    return run_dir / f".ckpt-{step}.tmp"
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """A checkpoint of an FSDP run: weights and optimizer moments in shards/, one file per process."""
+    return (ckpt / SHARDS_NAME).is_dir()
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer, staged: bool = False) -> Path:
     """Write a trainer's state_dict() as RUN/ckpt-<step>/ atomically and return its path.
 
     Tensors go to safetensors files (model, optimizer moments, RNG states), everything else to trainer_state.json,
-    and manifest.json (sizes and sha256 of them all) last, inside a hidden directory renamed into place.
+    and manifest.json (sizes and sha256 of them all) last, inside a hidden directory renamed into place. `staged`:
+    the processes of an FSDP run already wrote their shards into that directory (state["model"] is then None).
     """
-    for leftover in [*run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".ckpt-*.deleting")]:  # of saves that crashed
-        shutil.rmtree(leftover, ignore_errors=True)
-    final, tmp = run_dir / f"ckpt-{step}", run_dir / f".ckpt-{step}.tmp"
+    if not staged:
+        clear_leftovers(run_dir)
+    final, tmp = run_dir / f"ckpt-{step}", staging_dir(run_dir, step)
     try:
         _write_checkpoint(tmp, state, tokenizer)
     except BaseException as error:  # a full disk or a kill: the half-written copy goes, the earlier checkpoints stay
@@ -106,13 +125,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], tokenizer) 
 
 
 def _write_checkpoint(tmp: Path, state: dict[str, Any], tokenizer) -> None:
-    save_weights(tmp, state["model_config"], state["model"])
     tokenizer.save(tmp / "tokenizer.json")
     tensors, scalars = {}, {}
-    for index, values in state["optimizer"]["state"].items():
-        for key, value in values.items():
-            (tensors if torch.is_tensor(value) else scalars)[f"{index}.{key}"] = value
-    write_tensors(tmp / OPTIMIZER_NAME, tensors)
+    if state["model"] is None:  # sharded: the weights and moments are in shards/ already
+        write_json(tmp / CONFIG_NAME, state["model_config"])
+    else:
+        save_weights(tmp, state["model_config"], state["model"])
+        for index, values in state["optimizer"]["state"].items():
+            for key, value in values.items():
+                (tensors if torch.is_tensor(value) else scalars)[f"{index}.{key}"] = value
+        write_tensors(tmp / OPTIMIZER_NAME, tensors)
     write_tensors(tmp / RNG_NAME, state["rng"])
     plain = {key: value for key, value in state.items() if key not in ("model", "optimizer", "rng")}
     groups = state["optimizer"]["param_groups"]
@@ -136,17 +158,20 @@ def load_checkpoint(ckpt: Path, verify: bool = True) -> dict[str, Any]:
     if manifest is not None:
         check_files(ckpt, manifest, hashes=verify)
     state = load_trainer_state(ckpt)
+    groups = state.pop("optimizer_param_groups")
+    state["path"] = str(ckpt)
+    state["rng"] = read_tensors(ckpt / RNG_NAME)
+    if is_sharded(ckpt):  # the trainer reads the shards into its sharded model (distributed.load_sharded)
+        state.pop("optimizer_scalars")
+        return state | {"model": None, "optimizer": {"state": None, "param_groups": groups}}
     optimizer_state: dict[int, dict[str, Any]] = {}
     for name, value in [*read_tensors(ckpt / OPTIMIZER_NAME).items(), *state.pop("optimizer_scalars").items()]:
         index, _, key = name.partition(".")
         if not index.isdigit() or not key:
             raise CheckpointError(f"{ckpt / OPTIMIZER_NAME}: tensor {name!r} is not named <parameter>.<key>")
         optimizer_state.setdefault(int(index), {})[key] = value
-    groups = state.pop("optimizer_param_groups")
-    state["path"] = str(ckpt)
     state["model"] = load_model(ckpt, verify=False).state_dict()  # already verified above
     state["optimizer"] = {"state": optimizer_state, "param_groups": groups}
-    state["rng"] = read_tensors(ckpt / RNG_NAME)
     return state
 
 

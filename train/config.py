@@ -13,6 +13,7 @@ from .shards import SHARD_TOKENS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", *TORCH_DTYPES)
+PARALLEL = ("auto", "ddp", "fsdp", "none")
 
 
 @dataclass
@@ -23,7 +24,7 @@ class TrainConfig:
     """
 
     batch_size: int = 16
-    """sequences per micro-batch"""
+    """sequences per micro-batch in each process (the global batch is world size x batch_size x grad_accum)"""
     seq_len: int = 256
     """tokens per training sequence"""
     grad_accum: int = 1
@@ -31,7 +32,7 @@ class TrainConfig:
     max_steps: int | None = None
     """budget in optimizer steps (the first budget reached ends the run; at least one is needed)"""
     max_tokens: int | None = None
-    """budget in training tokens"""
+    """budget in training tokens (of all processes together)"""
     max_minutes: float | None = None
     """budget in minutes of wall-clock time"""
     lr: float = 3e-3
@@ -82,6 +83,14 @@ class TrainConfig:
     """field of .jsonl records, Parquet column or dataset field that holds each document's text"""
     shard_tokens: int = SHARD_TOKENS
     """tokens per file of the encoded corpus (data/<split>/<name>/shard-*.bin)"""
+    parallel: str = "auto"
+    """under torchrun: ddp (replicated weights), fsdp (sharded weights, FSDP2) or none; auto = ddp when several processes"""
+    dist_timeout_s: float = 600.0
+    """seconds a collective waits for the other processes before failing (a rank that died or hung)"""
+
+    # Processes training together: not a field (nothing to --set); the trainer sets it from torchrun's WORLD_SIZE,
+    # so the global batch, token counts and token budgets count every process.
+    world_size = 1
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens", "log_every", "ckpt_every"):
@@ -99,7 +108,7 @@ class TrainConfig:
                 self._check_int(name, minimum=1)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise ConfigError("no budget: set train.max_steps, train.max_tokens or train.max_minutes")
-        for name in ("lr", "max_minutes", "peak_flops"):
+        for name in ("lr", "max_minutes", "peak_flops", "dist_timeout_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"train.{name}={show(value)} must be a positive number")
@@ -115,6 +124,8 @@ class TrainConfig:
             raise ConfigError(f"train.schedule={show(self.schedule)} is unknown: choose one of {SCHEDULES}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"train.dtype={show(self.dtype)} is unknown: choose one of {DTYPES}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"train.parallel={show(self.parallel)} is unknown: choose one of {PARALLEL}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"train.device={show(self.device)} is unknown: use auto, cpu, cuda or cuda:N")
 
@@ -127,8 +138,13 @@ class TrainConfig:
             raise ConfigError(f"train.{name}={show(value)} must be an integer >= {minimum}")
 
     @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over every process: world size x batch_size x grad_accum."""
+        return self.world_size * self.batch_size * self.grad_accum
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
+        return self.global_batch * self.seq_len
 
     @property
     def total_steps(self) -> int | None:

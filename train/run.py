@@ -23,7 +23,8 @@ from minigrok.model import MiniGrok
 from . import checkpoint
 from .config import TrainConfig
 from .corpus import DataError, canonical_data, mixture_fingerprint, parse_data, split_mixture
-from .data import prepare_data
+from .data import TokenFiles, prepare_data
+from .distributed import current_world, main_first
 from .tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
 from .trainer import Trainer
 
@@ -133,21 +134,36 @@ def start_run(
     progress: bool = True,
 ) -> Trainer:
     """A new run in `run_dir`: tokenizer (trained on the corpus, or loaded), token files, the model initialised
-    from train.seed (vocab_size follows the tokenizer unless model_values sets it), and the record of its data."""
-    if checkpoint.checkpoint_dirs(run_dir):
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    from train.seed (vocab_size follows the tokenizer unless model_values sets it), and the record of its data.
+
+    Under torchrun rank 0 makes the tokenizer, token files and record first; the other processes then read them."""
     data, val_data = canonical_data(data), _absolute(val_data)
-    train_parts = _splits(data, val_data, config)["train"].values()
 
-    def texts():  # every training source's text, for a BPE tokenizer to learn from
-        return (text for part in train_parts for text in part.clean_documents())
+    def prepare() -> tuple[Tokenizer, ModelConfig, TokenFiles]:
+        if checkpoint.checkpoint_dirs(run_dir):
+            raise ValueError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out"
+            )
+        main = current_world().is_main
+        if main:
+            train_parts = _splits(data, val_data, config)["train"].values()
 
-    tokenizer = load_or_train_tokenizer(tokenizer_spec, texts, config.tokenizer_vocab_size)
-    model_config = ModelConfig.from_dict({"vocab_size": padded_vocab_size(tokenizer)} | model_values)
-    check_vocab(tokenizer, model_config.vocab_size)
-    tokenizer.save(run_dir / "tokenizer.json")
-    prepared = _prepare(run_dir, tokenizer, data, val_data, config)
-    _record_data(run_dir, data, val_data, config)
+            def texts():  # every training source's text, for a BPE tokenizer to learn from
+                return (text for part in train_parts for text in part.clean_documents())
+
+            tokenizer = load_or_train_tokenizer(tokenizer_spec, texts, config.tokenizer_vocab_size)
+        else:
+            tokenizer = Tokenizer.load(run_dir / "tokenizer.json")  # rank 0 saved it
+        model_config = ModelConfig.from_dict({"vocab_size": padded_vocab_size(tokenizer)} | model_values)
+        check_vocab(tokenizer, model_config.vocab_size)
+        if main:
+            tokenizer.save(run_dir / "tokenizer.json")
+        prepared = _prepare(run_dir, tokenizer, data, val_data, config)  # others: rank 0 wrote them, nothing to do
+        if main:
+            _record_data(run_dir, data, val_data, config)
+        return tokenizer, model_config, prepared
+
+    tokenizer, model_config, prepared = main_first(prepare)
     torch.manual_seed(config.seed)  # the seed fixes the initial weights as well as the batches
     return Trainer(MiniGrok(model_config), config, prepared, tokenizer, run_dir, progress=progress)
 
@@ -161,7 +177,23 @@ def resume_run(
     progress: bool = True,
 ) -> Trainer:
     """The run in `run_dir`, continued from its newest checkpoint: its model, tokenizer and corpus, its train config
-    with `train_overrides` applied (each change logged when training starts)."""
+    with `train_overrides` applied (each change logged when training starts). Under torchrun rank 0 checks the
+    corpus and brings the token files and run.json up to date first."""
+    state, config, changes, tokenizer, prepared = main_first(
+        lambda: _open_resumed(run_dir, train_overrides, data, val_data, new_data)
+    )
+    trainer = Trainer(
+        MiniGrok(ModelConfig.from_dict(state["model_config"])), config, prepared, tokenizer, run_dir, progress
+    )
+    trainer.load_state_dict(state)
+    trainer.changes = changes + trainer.changes  # load_state_dict notes a change of world size
+    return trainer
+
+
+def _open_resumed(
+    run_dir: Path, train_overrides: dict[str, Any], data: list[str] | None, val_data: list[str] | None, new_data: bool
+) -> tuple[dict[str, Any], TrainConfig, list[str], Tokenizer, TokenFiles]:
+    """(checkpoint state, train config, its changes, tokenizer, token files) of the run resume_run continues."""
     state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir))
     old_config = TrainConfig.from_dict(state["train_config"])
     config = TrainConfig.from_dict(state["train_config"] | train_overrides)
@@ -180,14 +212,10 @@ def resume_run(
     data, val_data, data_change = _resume_data(run_dir, data, val_data, config, new_data)
     prepared = _prepare(run_dir, tokenizer, data, val_data, config)
     if data_change:
-        _record_data(run_dir, data, val_data, config)
+        if current_world().is_main:
+            _record_data(run_dir, data, val_data, config)
         changes.append(data_change)
-    trainer = Trainer(
-        MiniGrok(ModelConfig.from_dict(state["model_config"])), config, prepared, tokenizer, run_dir, progress
-    )
-    trainer.load_state_dict(state)
-    trainer.changes = changes
-    return trainer
+    return state, config, changes, tokenizer, prepared
 
 
 def _record_from_token_files(run_dir: Path, data: list[str] | None, val_data: list[str] | None) -> dict[str, Any]:

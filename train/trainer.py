@@ -1,8 +1,10 @@
 """The training loop: accumulation, clipping, mixed precision, eval, logging, checkpoints, signals (the optimizer
-and its schedule are in optim.py).
+and its schedule are in optim.py), in one process or in each of torchrun's (the glue is in distributed.py).
 
 A run is reproducible to the bit: batches are a pure function of (seed, step), and a checkpoint holds everything
 else that changes (weights, optimizer moments, RNG, step, tokens, elapsed time), so --resume continues exactly.
+Under torchrun each process reads its own rows of the same global batch, so 2 processes x batch b train on what one
+process at batch 2b trains on; only rank 0 writes the log, the checkpoints and the console.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from minigrok.files import atomic_write
 from minigrok.machine import autocast, matmul_peak_flops, resolve_dtype
 from minigrok.model import MiniGrok
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainConfig
 from .data import TokenFiles
+from .distributed import ALONE, World, current_world
 from .optim import build_optimizer, check_optimizer_state, lr_at, set_hyperparameters
 from .tokenizer import Tokenizer, check_vocab
 
@@ -47,23 +50,38 @@ class TrainingStopped(Exception):
         self.signum = signum
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = ALONE) -> torch.device:
+    """train.device made concrete; under torchrun each process takes cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but no CUDA device is available: use train.device=cpu or auto")
+    if name.startswith("cuda") and world.size > 1:
+        if name != "cuda":
+            raise ValueError(
+                f"train.device={name!r} with {world.size} processes: each takes cuda:LOCAL_RANK; "
+                "use train.device=cuda or auto"
+            )
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
 @torch.no_grad()
 def evaluate(
-    model: MiniGrok, tokens: np.ndarray, config: TrainConfig, device: torch.device, bytes_per_token: float, dtype: str
+    model: MiniGrok,
+    tokens: np.ndarray,
+    config: TrainConfig,
+    device: torch.device,
+    bytes_per_token: float,
+    dtype: str,
+    world: World = ALONE,
 ) -> dict:
     """Mean loss and bits per byte over about eval_tokens of `tokens`, in windows spread evenly over all of it,
     with the matmuls in `dtype` (a resolved one: fp32, bf16 or fp16).
 
     Spreading (rather than taking a prefix) keeps the estimate unbiased when one file fills the start of the split;
-    the windows are the same at every evaluation, so the curve compares like with like.
+    the windows are the same at every evaluation, so the curve compares like with like. Under torchrun each process
+    scores its rows of every batch of world.size x batch_size windows, and the sums are added up across processes.
     """
     if len(tokens) < 2:
         raise ValueError(f"evaluation needs at least 2 tokens (one to predict from, one to predict); got {len(tokens)}")
@@ -74,14 +92,21 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for first in range(0, n_windows, config.batch_size):
-        starts = window_starts[first : first + config.batch_size]
+    rows = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
+    for first in range(0, n_windows, world.size * config.batch_size):
+        starts = window_starts[first : first + world.size * config.batch_size][rows]
+        # Every process runs as many forwards as the others (FSDP gathers weights inside them): one whose rows ran
+        # out scores a window that counts for nothing.
+        weight = 1 if len(starts) else 0
+        starts = starts if len(starts) else window_starts[:1]
         window = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts])).to(device)
         with autocast(dtype, device):
             loss = model(window[:, :-1], targets=window[:, 1:]).loss
-        total += loss.item() * window[:, 1:].numel()
-        count += window[:, 1:].numel()
+        total += weight * loss.item() * window[:, 1:].numel()
+        count += weight * window[:, 1:].numel()
     model.train(was_training)
+    if world.size > 1:
+        total, count = distributed.gather([total, count], device).sum(dim=0).tolist()
     val_loss = total / count
     return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token}
 
@@ -107,7 +132,10 @@ def read_log(path: Path) -> list[tuple[str, dict]]:
 
 class Trainer:
     """Trains `model` on `data` into `run_dir`. state_dict() is everything a checkpoint holds; load_state_dict()
-    of a saved one continues that run exactly (minigrok.train.run.resume_run opens a run directory that way)."""
+    of a saved one continues that run exactly (minigrok.train.run.resume_run opens a run directory that way).
+
+    Under torchrun (a process group set up by distributed.process_group) every process builds its own Trainer and
+    `parallel` (train.parallel resolved) says how they share the work: ddp replicates the model, fsdp shards it."""
 
     def __init__(
         self,
@@ -124,18 +152,24 @@ class Trainer:
                 f"train.seq_len={config.seq_len} exceeds model.max_seq_len={model.config.max_seq_len}: "
                 "lower train.seq_len or raise model.max_seq_len"
             )
+        self.world = current_world()
+        self.parallel = distributed.resolve_parallel(config.parallel, self.world.size)
+        config.world_size = self.world.size  # the global batch, token counts and budgets count every process
         self.config, self.data, self.tokenizer = config, data, tokenizer
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, self.world)
         self.model = model.to(self.device)
         self._choose_dtype(recorded=None)
         torch.manual_seed(config.seed)
+        self.wrapped = distributed.parallelize(self.model, self.parallel, self.device)  # fsdp: the model itself
         self.optimizer = build_optimizer(self.model, config)
-        self.forward = torch.compile(self.model) if config.compile else self.model
-        self.sampler = data.sampler("train", config.batch_size, config.seq_len, config.seed)
+        self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
+        # Every process draws the global batch and reads its own rows of it.
+        self.sampler = data.sampler("train", self.world.size * config.batch_size, config.seq_len, config.seed)
+        self.rows = slice(self.world.rank * config.batch_size, (self.world.rank + 1) * config.batch_size)
         self.val_tokens = data.tokens("val")
-        self.progress = progress
+        self.progress = progress and self.world.is_main
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.start_time: float | None = None  # set while train() runs
         self.best_val: float | None = None
@@ -144,23 +178,30 @@ class Trainer:
         self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
 
     def _choose_dtype(self, recorded: str | None) -> None:
-        """Resolve train.dtype ("auto" measures this machine in under a second; a resumed run keeps `recorded`)."""
-        self.dtype_choice = resolve_dtype(
-            self.config.dtype,
-            self.model.config,
-            rows=self.config.batch_size * self.config.seq_len,
-            device=self.device,
-            training=True,
-            recorded=recorded,
-            field="train.dtype",
+        """Resolve train.dtype ("auto" measures this machine in under a second; a resumed run keeps `recorded`).
+        Under torchrun rank 0 measures and every process takes its choice."""
+        self.dtype_choice = distributed.from_main(
+            lambda: resolve_dtype(
+                self.config.dtype,
+                self.model.config,
+                rows=self.config.batch_size * self.config.seq_len,
+                device=self.device,
+                training=True,
+                recorded=recorded,
+                field="train.dtype",
+            )
         )
         self.dtype = self.dtype_choice.dtype
+        if self.dtype == "fp16" and self.parallel == "fsdp":  # loss scaling would need every shard's inf check
+            raise ValueError("train.dtype=fp16 does not go with train.parallel=fsdp: set train.dtype=bf16 or fp32")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
 
     # -- state: what a checkpoint holds -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, optimizer, RNG, loss scaler, progress counters, the configs and the dtype of the run."""
+        """Weights, optimizer, RNG, loss scaler, progress counters, the configs, the dtype and the world size of the
+        run (rank 0's RNG: nothing in training draws from it). Under fsdp the weights and moments are this rank's
+        shards, which save_checkpoint hands to torch.distributed.checkpoint."""
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
@@ -175,6 +216,8 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
             "dtype": self.dtype,
+            "world_size": self.world.size,
+            "parallel": self.parallel,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
@@ -192,9 +235,18 @@ class Trainer:
                 f"{source}: the run was trained with tokenizer {state['tokenizer_fingerprint'][:12]}, but this one is "
                 f"{self.tokenizer.fingerprint()[:12]}: the tokenizer.json was swapped or damaged; restore it"
             )
-        check_optimizer_state(state["optimizer"], self.optimizer, self.model, source)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded = state["model"] is None
+        if sharded != (self.parallel == "fsdp"):
+            raise ValueError(
+                f"--resume: {source} was saved by a {'sharded (fsdp)' if sharded else 'ddp or single-process'} run; "
+                f"continue it with train.parallel={'fsdp under torchrun' if sharded else 'ddp, none or auto'}"
+            )
+        if sharded:
+            distributed.load_sharded(Path(source), self.model, self.optimizer)
+        else:
+            check_optimizer_state(state["optimizer"], self.optimizer, self.model, source)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         set_hyperparameters(self.optimizer, self.config)
         torch.set_rng_state(state["rng"]["torch"])
         cuda_states = [state["rng"][k] for k in sorted(k for k in state["rng"] if k.startswith("cuda."))]
@@ -205,7 +257,13 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen, self.elapsed_before = state["step"], state["tokens_seen"], state["elapsed"]
         self.best_val, self.best_step = state["best_val"], state["best_step"]
-        self._truncate_log()
+        if (saved_world := state.get("world_size", 1)) != self.world.size:
+            self.changes.append(
+                f"world size {saved_world} -> {self.world.size}: each step's batch is drawn differently from here "
+                "(not bit for bit)"
+            )
+        if self.world.is_main:
+            self._truncate_log()
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the checkpoint we resume from (the killed run went past it)."""
@@ -215,9 +273,27 @@ class Trainer:
             atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def save_checkpoint(self) -> Path:
-        path = checkpoint.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.tokenizer)
-        checkpoint.prune(self.run_dir, self.config.keep_last, self.best_step)
+        """ckpt-<step>: written by rank 0 alone (ddp: every rank holds the same weights), or by every rank its own
+        shards (fsdp); the others wait for it."""
+        if self.parallel == "fsdp":
+            path = distributed.save_sharded(
+                self.run_dir, self.step, self.state_dict(), self.tokenizer, self.model, self.optimizer
+            )
+        elif self.world.is_main:
+            path = checkpoint.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.tokenizer)
+        else:
+            path = self.run_dir / f"ckpt-{self.step}"
+        if self.world.is_main:
+            checkpoint.prune(self.run_dir, self.config.keep_last, self.best_step)
+        distributed.wait_for_main()
         return path
+
+    def plain_model(self) -> MiniGrok | None:
+        """The trained model as a plain MiniGrok on rank 0 (fsdp gathers its shards: every process calls this),
+        None on the other ranks."""
+        if self.parallel == "fsdp":
+            return distributed.gathered_model(self.model)
+        return self.model if self.world.is_main else None
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -236,29 +312,47 @@ class Trainer:
         return max(fractions)
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / LOG_NAME, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            with open(self.run_dir / LOG_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced across processes on the last micro-step of a step only."""
+        if self.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+        if self.parallel == "ddp" and not sync:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm), both of the global batch.
+
+        Under torchrun the processes also agree here on whether a signal asked to stop (self.stop_requested), so
+        they all stop after the same step."""
         config = self.config
         lr = lr_at(config, self.step, self.budget_progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss = torch.zeros((), device=self.device)
         for micro in range(config.grad_accum):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.sampler.batch(self.step, micro))
-            with autocast(self.dtype, self.device):
-                loss = self.forward(inputs, targets=targets).loss / config.grad_accum
-            self.scaler.scale(loss).backward()
+            batch = self.sampler.batch(self.step, micro, self.rows)
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+            with self._gradient_sync(micro == config.grad_accum - 1):
+                with autocast(self.dtype, self.device):
+                    loss = self.forward(inputs, targets=targets).loss / config.grad_accum
+                self.scaler.scale(loss).backward()
             total_loss += loss.detach().float()
-        loss_value = total_loss.item()
+        if self.world.size == 1:
+            loss_value, self.stop_requested = total_loss.item(), self.stop_signal
+        else:  # the mean of the processes' losses is the global batch's; a signal to any of them stops them all
+            gathered = distributed.gather([total_loss.item(), self.stop_signal or 0], self.device)
+            loss_value, self.stop_requested = gathered[:, 0].mean().item(), int(gathered[:, 1].max()) or None
         if not math.isfinite(loss_value):
             found = checkpoint.checkpoint_dirs(self.run_dir)
             last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
             # On CUDA an out-of-range target makes its row NaN rather than stop the step: tell the two apart here.
             vocab_size = self.model.config.vocab_size
-            largest = max(int(self.sampler.batch(self.step, m)[1].max()) for m in range(config.grad_accum))
+            largest = max(int(self.sampler.batch(self.step, m)[1].max()) for m in range(config.grad_accum))  # all rows
             if largest >= vocab_size:
                 raise TrainingDiverged(
                     f"step {self.step} reads token id {largest}, outside the model's vocabulary of {vocab_size}: "
@@ -270,7 +364,7 @@ class Trainer:
             )
         self.scaler.unscale_(self.optimizer)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = distributed.clip_gradients(self.model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,7 +380,13 @@ class Trainer:
 
     def run_eval(self) -> dict:
         metrics = evaluate(
-            self.model, self.val_tokens, self.config, self.device, self.data.bytes_per_token("val"), self.dtype
+            self.model,
+            self.val_tokens,
+            self.config,
+            self.device,
+            self.data.bytes_per_token("val"),
+            self.dtype,
+            self.world,
         )
         if self.best_val is None or metrics["val_loss"] < self.best_val:
             self.best_val, self.best_step = metrics["val_loss"], self.step
@@ -296,22 +396,31 @@ class Trainer:
 
     def log_segment(self) -> float:
         """Log (file and console) how this stretch of the run trains: the dtype with its figures, the matmul peak
-        behind MFU and what a resume changed. Returns the peak."""
-        peak = self.config.peak_flops or matmul_peak_flops(self.dtype, self.device)
-        source = "train.peak_flops" if self.config.peak_flops else "measured"
+        behind MFU (of all processes together), the processes and the global batch, and what a resume changed.
+        Returns the peak."""
+        config = self.config
+        peak = config.peak_flops or distributed.from_main(lambda: matmul_peak_flops(self.dtype, self.device))
+        source = "train.peak_flops" if config.peak_flops else "measured"
         print(self.dtype_choice.summary())
         print(f"matmul peak ({self.dtype}): {peak / 1e9:,.1f} GFLOP/s, {source}")
+        if self.world.size > 1:
+            print(
+                f"parallel: {self.parallel} over {self.world.size} processes; global batch {self.world.size} x "
+                f"{config.batch_size} x {config.grad_accum} = {config.global_batch} sequences of {config.seq_len} tokens"
+            )
         for change in self.changes:
             print(f"resumed at step {self.step} with a change: {change}")
         record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()} | self.dtype_choice.to_dict()
-        self.log(record | {"peak_flops": peak, "peak_source": source, "changes": self.changes})
-        return peak
+        world = {"world_size": self.world.size, "parallel": self.parallel, "global_batch": config.global_batch}
+        self.log(record | {"peak_flops": peak, "peak_source": source} | world | {"changes": self.changes})
+        return peak * self.world.size
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
         """While training, the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step and a
         checkpoint; a second one stops at once (KeyboardInterrupt)."""
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal this process received
+        self.stop_requested: int | None = None  # the one the processes agreed to stop on (train_step)
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield
             return
@@ -321,9 +430,11 @@ class Trainer:
                 raise KeyboardInterrupt
             self.stop_signal = signum
             name = signal.Signals(signum).name
-            print(
-                f"\n{name}: finishing step {self.step + 1}, then a checkpoint; again to stop at once", file=sys.stderr
-            )
+            if self.world.is_main:
+                print(
+                    f"\n{name}: finishing step {self.step + 1}, then a checkpoint; again to stop at once",
+                    file=sys.stderr,
+                )
 
         previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -373,16 +484,19 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                 if self.step % config.eval_every == 0:
                     last_eval = self.run_eval()
-                    bar.write(
-                        f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
-                    )
-                if self.step % config.ckpt_every == 0 or self.stop_signal is not None:
+                    if self.world.is_main:
+                        bar.write(
+                            f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
+                        )
+                if self.step % config.ckpt_every == 0 or self.stop_requested is not None:
                     path = self.save_checkpoint()
-                if self.stop_signal is not None:
+                if self.stop_requested is not None:
                     raise TrainingStopped(
-                        self.stop_signal,
-                        f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}, saved in {path}; "
-                        f"continue with: minigrok train --out {self.run_dir} --resume",
+                        self.stop_requested,
+                        f"stopped by {signal.Signals(self.stop_requested).name} at step {self.step}, saved in {path}; "
+                        f"continue with: minigrok train --out {self.run_dir} --resume"
+                        if self.world.is_main
+                        else "",
                     )
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()

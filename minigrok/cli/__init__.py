@@ -46,6 +46,11 @@ COMMANDS: dict[str, Command | Group] = {
         training.add_train_arguments,
         training.run_train,
     ),
+    "consolidate": Command(
+        "write the model.safetensors of a sharded (FSDP) training checkpoint",
+        training.add_consolidate_arguments,
+        training.run_consolidate,
+    ),
     "generate": Command(
         "stream a continuation of a prompt from a checkpoint", inference.add_generate_arguments, inference.run_generate
     ),
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minigrok {args.command}: error: {error}", file=sys.stderr)
         return 1
     except TrainingStopped as stopped:
-        print(stopped, file=sys.stderr)
+        if str(stopped):  # empty on the ranks other than 0 of a torchrun job
+            print(stopped, file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:
         print(f"minigrok {args.command}: stopped at once", file=sys.stderr)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
 from ..config import ConfigError
-from .arguments import add_config_arguments
+from .arguments import NO_VERIFY_HELP, add_config_arguments
 from .inference import inference_dtype, stream_text
 
 
@@ -32,8 +34,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    """Start or resume the run in --out, holding its lock, then train and sample."""
-    from ..train.config import build_run_configs
+    """Start or resume the run in --out, holding its lock, then train and sample; under torchrun, in every process
+    (rank 0 holds the lock and writes the run's files).
+
+    A worker group that torchrun restarts (--max-restarts) continues from the newest checkpoint, as --resume would."""
+    from ..train import checkpoint
+    from ..train.config import TrainConfig, build_run_configs
+    from ..train.distributed import process_group
     from ..train.run import RunLock, resume_run, start_run
 
     model_values, train_config, overrides = build_run_configs(args.config, args.set)
@@ -44,19 +51,27 @@ def run_train(args: argparse.Namespace) -> None:
         )
     if args.new_data and not args.resume:
         raise ValueError("--new-data continues a run on another corpus: it needs --resume")
-    with RunLock(run_dir):
-        if args.resume:
-            trainer = resume_run(run_dir, overrides["train"], args.data, args.val_data, args.new_data)
-        else:
-            if "vocab_size" not in overrides["model"]:  # the preset's is a placeholder: follow the tokenizer
-                model_values.pop("vocab_size", None)
-            trainer = start_run(run_dir, model_values, train_config, args.data, args.val_data, args.tokenizer)
-        train_and_sample(trainer, args)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    resume = args.resume or (restart > 0 and bool(checkpoint.checkpoint_dirs(run_dir)))
+    if resume:  # the process group follows the run's own device and timeout
+        saved = checkpoint.load_trainer_state(checkpoint.latest_checkpoint(run_dir))["train_config"]
+        train_config = TrainConfig.from_dict(saved | overrides["train"])
+    with process_group(train_config.device, train_config.dist_timeout_s) as world:
+        if resume and not args.resume:
+            print(f"restart {restart} by torchrun: resuming from {checkpoint.latest_checkpoint(run_dir)}")
+        with RunLock(run_dir) if world.is_main else contextlib.nullcontext():
+            if resume:
+                trainer = resume_run(run_dir, overrides["train"], args.data, args.val_data, args.new_data)
+            else:
+                if "vocab_size" not in overrides["model"]:  # the preset's is a placeholder: follow the tokenizer
+                    model_values.pop("vocab_size", None)
+                trainer = start_run(run_dir, model_values, train_config, args.data, args.val_data, args.tokenizer)
+            train_and_sample(trainer, args)
 
 
 def train_and_sample(trainer, args: argparse.Namespace) -> None:
-    """Train to the end of the budget, then print the final figures and args.samples samples."""
-    data, model, tokenizer, train_config = trainer.data, trainer.model, trainer.tokenizer, trainer.config
+    """Train to the end of the budget, then print the final figures and args.samples samples (on rank 0)."""
+    data, tokenizer, train_config = trainer.data, trainer.tokenizer, trainer.config
     splits = data.meta["splits"]
     print(f"data: {splits['train']['n_tokens']:,} train / {splits['val']['n_tokens']:,} val tokens")
     sources = splits["train"]["sources"]
@@ -66,8 +81,11 @@ def train_and_sample(trainer, args: argparse.Namespace) -> None:
             print(
                 f"  {name}: {source['n_tokens']:,} train tokens, weight {source['weight']:g} ({source['weight'] / total:.0%} of rows)"
             )
-    print(model.report(context=train_config.seq_len))
+    print(trainer.model.report(context=train_config.seq_len))
     final = trainer.train()
+    model = trainer.plain_model()  # fsdp: gathered from every process's shards
+    if model is None:  # not rank 0
+        return
     print(
         f"step {final['step']}: val loss {final['val_loss']:.4f}, val {final['val_bpb']:.4f} bits/byte; "
         f"run in {trainer.run_dir}"
@@ -97,3 +115,16 @@ def run_plot(args: argparse.Namespace) -> None:
     from ..train.plot import plot_runs
 
     print(f"wrote {plot_runs(args.runs, args.out)}")
+
+
+def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a sharded (FSDP) ckpt-<step>, or a run directory (its newest checkpoint)")
+    parser.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+
+
+def run_consolidate(args: argparse.Namespace) -> None:
+    """Write a sharded checkpoint's model.safetensors, so generate, eval and export-hf read it."""
+    from ..train.checkpoint import resolve_checkpoint
+    from ..train.distributed import consolidate
+
+    print(f"wrote {consolidate(resolve_checkpoint(args.checkpoint), verify=not args.no_verify)}")

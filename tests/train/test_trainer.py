@@ -144,8 +144,8 @@ def test_a_target_outside_the_vocabulary_is_named_not_taken_for_divergence(data,
     trainer = make_trainer(data, tmp_path / "run", max_steps=4)
     batch = trainer.sampler.batch
 
-    def corrupt(step, micro_step=0):  # a damaged token file whose bad id lands only in a window's last target
-        inputs, targets = batch(step, micro_step)
+    def corrupt(step, micro_step=0, rows=slice(None)):  # a damaged token file: a bad id only in a last target
+        inputs, targets = batch(step, micro_step, rows)
         targets[:, -1] = MODEL["vocab_size"] + 3
         return inputs, targets
 
