@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from . import functional
 from .config import ModelConfig
@@ -63,7 +64,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with n_kv_heads key/value heads; q, k and v come from one fused projection."""
+    """Multi-head attention with n_kv_heads key/value heads; q, k and v come from one fused projection.
+
+    Its three steps are separate methods so that selective activation checkpointing (Block) can keep the attention
+    op's tensors while it recomputes the projections around it."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -72,7 +76,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.backend = config.backend
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, H, T, D] and k, v [B, Hkv, T, D] of x [B, T, dim], RoPE applied to q and k."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -82,10 +87,15 @@ class Attention(nn.Module):
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        y = functional.attention(q, k, v, causal=True, backend=self.backend)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q over k, v: [B, H, T, D]."""
+        return functional.attention(q, k, v, causal=True, backend=self.backend)
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads of y [B, H, T, D] merged and projected back to [B, T, dim]."""
+        return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
@@ -102,8 +112,19 @@ class MLP(nn.Module):
         return self.down_proj(functional.swiglu(gate, up, backend=self.backend))
 
 
+# Activation checkpointing of each block (each logical layer: a shared block is checkpointed at every depth it runs):
+# none keeps every activation for backward; full keeps only the block's input and recomputes the block in backward;
+# selective also keeps the attention op's inputs and outputs, so backward recomputes everything but attention.
+CHECKPOINTING = ("none", "full", "selective")
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    `checkpointing` (see CHECKPOINTING) trades compute for memory with non-reentrant torch.utils.checkpoint. The
+    checkpoints are taken inside forward, so hooks on the block itself (FSDP's unshard) run once per call, outside
+    the recomputed region.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -112,9 +133,24 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
-        attn_out = self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        normed, x = self.mlp_norm(attn_out, residual=x)  # the residual add fused into the norm
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, checkpointing: str = "none") -> torch.Tensor:
+        if checkpointing == "full":
+            return checkpoint(self.forward, x, cos, sin, cache, layer, use_reentrant=False)
+        if checkpointing == "selective":
+            # The attention op runs outside the checkpoints, so its inputs and outputs are kept for backward.
+            q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
+            return checkpoint(self.after_attention, self.attn.attend(q, k, v), x, use_reentrant=False)
+        q, k, v = self.attention_inputs(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        return self.after_attention(self.attn.attend(q, k, v), x)
+
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return self.attn.project(self.attn_norm(x), cos, sin)
+
+    def after_attention(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from the attention heads y and its input x."""
+        normed, x = self.mlp_norm(self.attn.output(y), residual=x)  # the residual add fused into the norm
         return x + self.mlp(normed)
 
 
@@ -144,7 +180,11 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class MiniGrok(nn.Module):
-    """The decoder. `blocks` holds the n_unique_layers physical blocks; `layer_blocks[i]` is the block run at layer i."""
+    """The decoder. `blocks` holds the n_unique_layers physical blocks; `layer_blocks[i]` is the block run at layer i.
+
+    `activation_checkpointing` (one of CHECKPOINTING, "none" by default) applies to forward passes that build a
+    graph; it is a choice of how to train, not part of the model, so it is an attribute rather than a config field.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -154,6 +194,7 @@ class MiniGrok(nn.Module):
         self.layer_blocks = config.layer_blocks()
         self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.activation_checkpointing = "none"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -203,8 +244,11 @@ class MiniGrok(nn.Module):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(input_ids)
+        checkpointing = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={checkpointing!r} is unknown: choose one of {CHECKPOINTING}")
         for layer, block_index in enumerate(self.layer_blocks):
-            x = self.blocks[block_index](x, cos, sin, cache, layer)
+            x = self.blocks[block_index](x, cos, sin, cache, layer, checkpointing)
         if cache is not None:
             cache.length += input_ids.shape[1]
         x = self.norm(x)

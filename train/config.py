@@ -8,8 +8,10 @@ from typing import Any
 
 from minigrok.config import ConfigError, ModelConfig, check_fields, load_yaml, parse_overrides, show
 from minigrok.machine import TORCH_DTYPES
+from minigrok.model import CHECKPOINTING
 
 from .shards import SHARD_TOKENS
+from .tracking import check_log_to
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", *TORCH_DTYPES)
@@ -57,12 +59,16 @@ class TrainConfig:
     """matmul precision: auto (the fastest here, timed at start in under a second), fp32, bf16 or fp16"""
     compile: bool = False
     """wrap the model in torch.compile"""
+    activation_checkpointing: str = "none"
+    """per-block recompute in backward to save memory: none, full (keeps each block's input) or selective (+ attention)"""
     eval_every: int = 100
     """steps between validation evaluations"""
     eval_tokens: int = 65536
     """validation tokens scored at each evaluation"""
     log_every: int = 10
     """steps between lines of log.jsonl"""
+    log_to: str = "jsonl"
+    """metric writers, comma-separated: jsonl (log.jsonl, always written), tensorboard, wandb (honours WANDB_MODE)"""
     ckpt_every: int = 200
     """steps between checkpoints"""
     keep_last: int = 2
@@ -126,6 +132,12 @@ class TrainConfig:
             raise ConfigError(f"train.dtype={show(self.dtype)} is unknown: choose one of {DTYPES}")
         if self.parallel not in PARALLEL:
             raise ConfigError(f"train.parallel={show(self.parallel)} is unknown: choose one of {PARALLEL}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ConfigError(
+                f"train.activation_checkpointing={show(self.activation_checkpointing)} is unknown: "
+                f"choose one of {CHECKPOINTING}"
+            )
+        check_log_to(self.log_to)
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"train.device={show(self.device)} is unknown: use auto, cpu, cuda or cuda:N")
 

@@ -34,6 +34,7 @@ from .data import TokenFiles
 from .distributed import ALONE, World, current_world
 from .optim import build_optimizer, check_optimizer_state, lr_at, set_hyperparameters
 from .tokenizer import Tokenizer, check_vocab
+from .tracking import Tracking, open_tracking
 
 LOG_NAME = "log.jsonl"
 
@@ -160,6 +161,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device, self.world)
         self.model = model.to(self.device)
+        self.model.activation_checkpointing = config.activation_checkpointing
         self._choose_dtype(recorded=None)
         torch.manual_seed(config.seed)
         self.wrapped = distributed.parallelize(self.model, self.parallel, self.device)  # fsdp: the model itself
@@ -176,6 +178,7 @@ class Trainer:
         self.best_step: int | None = None
         self.changes: list[str] = []  # what a resume changed (config fields, data): logged when training starts
         self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
+        self.tracking = Tracking()  # the train.log_to writers, open while train() runs
 
     def _choose_dtype(self, recorded: str | None) -> None:
         """Resolve train.dtype ("auto" measures this machine in under a second; a resumed run keeps `recorded`).
@@ -315,6 +318,15 @@ class Trainer:
         if self.world.is_main:
             with open(self.run_dir / LOG_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tracking.write(record)
+
+    def open_tracking(self) -> Tracking:
+        """The TensorBoard / wandb writers train.log_to asks for, from this step on (the one place they are made;
+        on rank 0 only)."""
+        if not self.world.is_main:
+            return Tracking()
+        run_config = {"model": self.model.config.to_dict(), "train": self.config.to_dict()}
+        return open_tracking(self.config.log_to, self.run_dir, self.step, run_config)
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Gradients are reduced across processes on the last micro-step of a step only."""
@@ -447,7 +459,7 @@ class Trainer:
         """Run until the budget is spent; evaluate and checkpoint at the end. Returns the final eval record.
 
         SIGINT / SIGTERM end it early with a checkpoint of the step reached (TrainingStopped)."""
-        with self._stop_on_signals():
+        with self._stop_on_signals(), contextlib.closing(self.open_tracking()) as self.tracking:
             return self._train()
 
     def _train(self) -> dict:
