@@ -62,16 +62,6 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for index in range(4):
-        (root / f"part{index}.py").write_text(
-            "".join(f"def f_{index}_{n}(x):\n    return x * {n} + {index}\n\n" for n in range(60))
-        )
-    return root
-
-
-@pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
     """The same 6 steps three ways: 1 process at batch 4, DDP and FSDP at 2 processes x batch 2."""
     root = tmp_path_factory.mktemp("runs")

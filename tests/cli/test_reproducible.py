@@ -20,16 +20,6 @@ TIMING_KEYS = {"time", "tokens_per_s", "mfu", "peak_flops", "peak_source"}  # wa
 BUDGET = ["--set", "train.max_steps=200", "--set", "train.ckpt_every=20", "--set", "train.eval_every=50"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for index in range(4):
-        (root / f"part{index}.py").write_text(
-            "".join(f"def function_{index}_{n}(x):\n    return x * {n} - {index}\n\n" for n in range(50))
-        )
-    return root
-
-
 def train(out: Path, corpus: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
     argv = [sys.executable, "-m", "minigrok.cli", *COMMAND, "--data", str(corpus), "--out", str(out), *extra]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

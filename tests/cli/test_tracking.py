@@ -16,16 +16,6 @@ COMMAND = ["train", "--config", "tiny", "--samples", "0", "--tokenizer", "byte"]
 COMMAND += ["--set", "train.dtype=fp32", "--set", "train.peak_flops=1e11"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for index in range(4):
-        (root / f"part{index}.py").write_text(
-            "".join(f"def function_{index}_{n}(x):\n    return x * {n} - {index}\n\n" for n in range(50))
-        )
-    return root
-
-
 def start(out: Path, corpus: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "minigrok.cli", *COMMAND, "--data", str(corpus), "--out", str(out), *extra]
     return subprocess.Popen(
