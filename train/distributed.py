@@ -52,6 +52,10 @@ class World:
         """Rank 0: the one process that writes the run's files and the console."""
         return self.rank == 0
 
+    def rows(self, batch_size: int) -> slice:
+        """This process's rows of a global batch of size x batch_size."""
+        return slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+
 
 ALONE = World()  # a process started without torchrun
 

@@ -93,7 +93,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    rows = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
+    rows = world.rows(config.batch_size)
     for first in range(0, n_windows, world.size * config.batch_size):
         starts = window_starts[first : first + world.size * config.batch_size][rows]
         # Every process runs as many forwards as the others (FSDP gathers weights inside them): one whose rows ran
@@ -169,7 +169,7 @@ class Trainer:
         self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
         # Every process draws the global batch and reads its own rows of it.
         self.sampler = data.sampler("train", self.world.size * config.batch_size, config.seq_len, config.seed)
-        self.rows = slice(self.world.rank * config.batch_size, (self.world.rank + 1) * config.batch_size)
+        self.rows = self.world.rows(config.batch_size)
         self.val_tokens = data.tokens("val")
         self.progress = progress and self.world.is_main
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
