@@ -124,3 +124,93 @@ def test_cli_turns_the_interpreter_on_by_itself():
     done = subprocess.run([sys.executable, "-m", "minigrok.cli", *argv], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert INTERPRETER_NOTE in done.stdout and "skipped" not in done.stdout
+
+
+def test_tracker_holds_every_activation_autograd_saves_and_checkpointing_frees_them():
+    from minigrok import MiniGrok, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=384, dim=48, n_layers=5, n_heads=4, n_kv_heads=2, ffn_dim=112, max_seq_len=64)
+    model = MiniGrok(config)
+    ids = torch.randint(0, config.vocab_size, (3, 41))
+    made_before = {id(t.untyped_storage()) for t in (ids, *model.parameters())}  # the tracker counts what is new
+    live_after_forward = {}
+    for mode in ("none", "full"):
+        model.activation_checkpointing = mode
+        saved: dict[int, int] = {}  # storages autograd keeps for backward, made in the forward
+
+        def pack(tensor, saved=saved):
+            storage = tensor.untyped_storage()
+            if id(storage) not in made_before:
+                saved[id(storage)] = storage.nbytes()
+            return tensor
+
+        with LiveTensorBytes() as tracker:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+            live_after_forward[mode] = tracker.live
+            assert tracker.live >= sum(saved.values()) > 0, mode  # every saved activation is counted as live
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        del loss
+    assert live_after_forward["full"] < live_after_forward["none"] / 2  # full keeps each block's input alone
+
+
+def bench_cli(*args: str) -> dict:
+    """`python -m minigrok.cli bench ... --json` in a subprocess (so --threads stays its own); the JSON written."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "minigrok.cli", "bench", *args, "--json", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads(out.read_text())
+
+
+def test_bench_train_nproc_runs_ddp_processes_beside_one_process_on_their_threads():
+    args = ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--steps", "2", "--dtype", "fp32"]
+    result = bench_cli("train", *args, "--nproc", "2", "--threads", "2")
+    assert (result["nproc"], result["threads"], result["threads_per_process"]) == (2, 2, 1)
+    for key in ("ddp_tokens_per_s", "threads_tokens_per_s", "ratio_ddp_vs_threads", "ddp_mfu", "threads_mfu"):
+        assert result[key] > 0, key
+
+
+def test_bench_train_measures_checkpointing_side_by_side():
+    args = ["--config", "tiny", "--set", "n_layers=6", "--batch-size", "4", "--seq-len", "64", "--steps", "1"]
+    result = bench_cli("train", *args, "--dtype", "fp32", "--compare", "checkpointing-full", "checkpointing-selective")
+    assert result["activation_checkpointing"] == "none"
+    for mode in ("full", "selective"):
+        assert result[f"checkpointing_{mode}_tokens_per_s"] > 0 and result[f"checkpointing_{mode}_peak_mb"] > 0
+        assert 0 < result[f"checkpointing_{mode}_peak_vs_ours"] < 1, mode  # memory, not time: it must shrink
+    assert result["checkpointing_full_peak_vs_ours"] < result["checkpointing_selective_peak_vs_ours"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--nproc", "2", "--threads", "3"], "set --threads to a multiple of 2"),
+        (["--nproc", "2", "--threads", "2", "--batch-size", "3"], "--batch-size 3 is the global batch"),
+        (["--nproc", "2", "--compare", "hf"], "drop --compare"),
+        (["--activation-checkpointing", "full", "--compare", "checkpointing-full"], "what ours already runs"),
+    ],
+)
+def test_bench_train_refuses_contradictions_with_the_fix(argv, message, capsys):
+    assert main(["bench", "train", "--config", "tiny", "--dtype", "fp32", "--steps", "1", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_data_times_encoding_and_the_sampler(tmp_path):
+    for index in range(3):
+        (tmp_path / f"part{index}.py").write_text(
+            "".join(f"def f_{index}_{n}(x):\n    return x - {n}\n\n" for n in range(80))
+        )
+    sizes = "3000,50000"
+    argv = ["data", "--data", str(tmp_path), "--tokenizer", "byte", "--sizes", sizes, "--shard-tokens", "4096"]
+    result = bench_cli(*argv, "--batch-size", "4", "--seq-len", "64", "--batches", "5")
+    assert [row["workers"] for row in result["encoding"]] == [1, 2]
+    for row in result["encoding"]:
+        assert row["mb_per_s"] > 0 and row["tokens_per_s"] > 0 and row["n_tokens"] > 0
+    assert [(row["n_tokens"], row["shards"]) for row in result["sampler"]] == [(3000, 1), (50000, 13)]
+    assert all(row["us_per_batch"] > 0 and row["tokens_per_s"] > 0 for row in result["sampler"])

@@ -9,13 +9,14 @@ from .memory import LiveTensorBytes
 from .output import format_table, plot_rows, write_csv, write_json
 from .specs import KERNEL_SPECS
 from .timing import INTERPRETER_NOTE
-from .train import bench_train
+from .train import bench_processes, bench_train
 
 __all__ = [
     "INTERPRETER_NOTE",
     "KERNEL_SPECS",
     "LiveTensorBytes",
     "bench_kernels",
+    "bench_processes",
     "bench_train",
     "format_table",
     "plot_rows",

@@ -36,6 +36,12 @@ def table_cell(key: str, value) -> str:
     return "" if value is None else TABLE_FORMATS[key].format(value)
 
 
+def aligned(cells: list[list[str]]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns two spaces apart."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells]
+
+
 def format_table(rows: list[dict]) -> str:
     """The rows that ran as an aligned text table (columns blank in every row dropped), what to do about unstable
     times, then the skipped providers."""
@@ -43,9 +49,7 @@ def format_table(rows: list[dict]) -> str:
     cells = [[table_cell(key, row[key]) for key in TABLE_FORMATS] for row in ran]
     kept = [i for i, key in enumerate(TABLE_FORMATS) if any(line[i] for line in cells)]
     header = [rows[0]["x_name"] if key == "x" else key for key in TABLE_FORMATS]
-    cells = [[line[i] for i in kept] for line in [header, *cells]]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(kept))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells]
+    lines = aligned([[line[i] for i in kept] for line in [header, *cells]])
     if unstable := sum(row["stable"] is False for row in ran):
         lines.append(f"{unstable} of {len(ran)} times are unstable (stable: no): {UNSTABLE_HINT}")
     skipped = {(row["provider"], row["note"]) for row in rows if row["median_ms"] is None}

@@ -66,6 +66,11 @@ COMMANDS: dict[str, Command | Group] = {
                 benchmarks.add_bench_train_arguments,
                 benchmarks.run_bench_train,
             ),
+            "data": Command(
+                "corpus encoding MB/s with 1 and 2 workers, and the sampler's cost per batch up to 1e9 tokens",
+                benchmarks.add_bench_data_arguments,
+                benchmarks.run_bench_data,
+            ),
             "kernels": Command(
                 "time one op per provider across shapes; table, JSON, CSV and a plot",
                 benchmarks.add_bench_kernels_arguments,

@@ -1,4 +1,5 @@
-"""`minigrok bench train` and `bench kernels`: training throughput against baselines, and one op across shapes."""
+"""`minigrok bench train`, `bench data` and `bench kernels`: training throughput against baselines, the corpus
+encoder and batch sampler, and one op across shapes."""
 
 from __future__ import annotations
 
@@ -34,11 +35,25 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
     add_machine_arguments(parser, default_device="cpu")
     parser.add_argument(
+        "--activation-checkpointing",
+        choices=["none", "full", "selective"],
+        default="none",
+        help="recompute each block in backward (full), or all but attention (selective), to save memory",
+    )
+    parser.add_argument(
         "--compare",
         nargs="+",
-        choices=["hf", "naive-loss"],
+        choices=["hf", "naive-loss", "checkpointing-none", "checkpointing-full", "checkpointing-selective"],
         default=[],
-        help="baselines: transformers' LlamaForCausalLM; our model with full logits + F.cross_entropy",
+        help="baselines: transformers' LlamaForCausalLM; our model with full logits + F.cross_entropy; "
+        "our model in another activation-checkpointing mode (peak memory and tokens/s as fractions of ours)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="N > 1: DDP over N CPU processes (gloo), each on threads/N threads, against one process on all the "
+        "threads, at the same global --batch-size",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
@@ -46,23 +61,31 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_train(args: argparse.Namespace) -> None:
     """Print every figure of bench_train, and write them to --json."""
-    import json
-
-    from ..bench import bench_train
+    from .. import bench
     from ..config import build_model_config
+    from ..files import write_json
 
     set_threads(args.threads)
     config = build_model_config(args.config, args.set)
-    result = bench_train(
-        config,
-        args.batch_size,
-        args.seq_len,
-        args.dtype,
-        steps=args.steps,
-        compare=tuple(args.compare),
-        device=args.device,
-        compile=args.compile,
-    )
+    shape = (config, args.batch_size, args.seq_len)
+    if args.nproc != 1:
+        if args.compare or args.compile or args.device != "cpu":
+            raise ValueError(
+                "--nproc compares DDP processes with threads on the CPU: drop --compare, --compile and --device"
+            )
+        result = bench.bench_processes(
+            *shape, args.nproc, args.dtype, args.steps, activation_checkpointing=args.activation_checkpointing
+        )
+    else:
+        result = bench.bench_train(
+            *shape,
+            args.dtype,
+            steps=args.steps,
+            compare=tuple(args.compare),
+            device=args.device,
+            compile=args.compile,
+            activation_checkpointing=args.activation_checkpointing,
+        )
     for key, value in result.items():
         print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
     unstable = [
@@ -71,12 +94,61 @@ def run_bench_train(args: argparse.Namespace) -> None:
         if key.endswith("step_stable") and value is False
     ]
     if unstable:
+        fewer_threads = "" if args.nproc != 1 else "--threads 1 and "  # --nproc needs threads for every process
         print(
-            f"step times of {', '.join(unstable)} are unstable: rerun with --threads 1 and more --steps, on a quiet machine"
+            f"step times of {', '.join(unstable)} are unstable: rerun with {fewer_threads}more --steps, on a quiet machine"
         )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
+
+
+def add_bench_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", help="corpus to encode: files, directories, globs (default: built-in)")
+    parser.add_argument("--tokenizer", default="bpe", help="bpe (trained on the data first, untimed), byte, or a path")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the bpe tokenizer trained")
+    parser.add_argument("--workers", type=int_list, default=[1, 2], help="encoding processes to time, e.g. 1,2")
+    parser.add_argument("--repeats", type=int, default=1, help="encodings per number of workers, in turns")
+    parser.add_argument(
+        "--sizes",
+        type=int_list,
+        help="sampler: corpus sizes in tokens (default: 1e6,1e7,1e8,1e9), e.g. 1000000,1000000000",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="sampler: rows per batch")
+    parser.add_argument("--seq-len", type=int, default=2048, help="sampler: tokens per row")
+    parser.add_argument(
+        "--shard-tokens", type=int, default=None, help="sampler: tokens per shard (default: the trainer's)"
+    )
+    parser.add_argument("--batches", type=int, default=200, help="sampler: timed batches per corpus size")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+
+
+def run_bench_data(args: argparse.Namespace) -> None:
+    """Time the encoder and the sampler, print both tables, and write them to --json."""
+    from ..bench.data import SAMPLER_SIZES, bench_encoding, bench_sampler, format_data_tables
+    from ..files import write_json
+    from ..train.corpus import split_corpus
+    from ..train.tokenizer import load_or_train_tokenizer
+
+    for name in ("vocab_size", "repeats", "batch_size", "seq_len", "shard_tokens", "batches"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be a positive integer")
+    for name, values in (("--workers", args.workers), ("--sizes", args.sizes or [])):
+        if any(value < 1 for value in values):
+            raise ValueError(f"{name} {values}: every value must be a positive integer")
+    train = split_corpus(args.data)["train"]
+    tokenizer = load_or_train_tokenizer(args.tokenizer, train.clean_documents, args.vocab_size)
+    result = {
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "encoding": bench_encoding(args.data, tokenizer, tuple(args.workers), args.repeats),
+        "sampler": bench_sampler(
+            args.batch_size, args.seq_len, tuple(args.sizes or SAMPLER_SIZES), args.shard_tokens, args.batches
+        ),
+    }
+    print(format_data_tables(result))
+    if args.json:
+        write_json(args.json, result)
 
 
 def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
