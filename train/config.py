@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,16 +178,66 @@ class TrainConfig:
 
 
 RUN_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class DataSourceConfig:
+    """One entry of a run config's `data:` list: a source of the training mixture, as --data name=path:weight."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not SOURCE_NAME.fullmatch(self.name):
+            raise ConfigError(f"data[].name={show(self.name)} must be a word of letters, digits, _ . -, e.g. code")
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(
+                f"data[{self.name}].path={show(self.path)} must be a file, directory or glob, e.g. data/{self.name}"
+            )
+        weight = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight < math.inf):
+            raise ConfigError(f"data[{self.name}].weight={show(weight)} must be a positive number, e.g. 1")
+
+    def spec(self) -> str:
+        """The --data entry that names this source."""
+        return f"{self.name}={self.path}:{self.weight}"
+
+
+def data_specs(config: str, entries: Any) -> list[str] | None:
+    """A run config's `data:` list of {name, path, weight} as --data entries (None when it has none)."""
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(
+            f"config {config!r}: data={show(entries)} must be a list of sources, e.g. [{{name: code, path: data/code, weight: 3}}]"
+        )
+    sources = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config {config!r}: data entry {show(entry)} must be a mapping of name, path and weight")
+        check_fields("data", DataSourceConfig, entry)
+        if missing := [name for name in ("name", "path") if name not in entry]:
+            raise ConfigError(f"config {config!r}: data entry {show(entry)} has no {' or '.join(missing)}: add it")
+        sources.append(DataSourceConfig(**entry))
+    names = [source.name for source in sources]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ConfigError(f"config {config!r}: data names {twice[0]!r} twice: give each source its own name")
+    return [source.spec() for source in sources]
 
 
 def build_run_configs(
     config: str, overrides: list[str]
-) -> tuple[dict[str, Any], TrainConfig, dict[str, dict[str, Any]]]:
-    """(model field values, TrainConfig, the --set overrides by section) from a preset or YAML path."""
+) -> tuple[dict[str, Any], TrainConfig, list[str] | None, dict[str, dict[str, Any]]]:
+    """(model field values, TrainConfig, the data: section as --data entries, the --set overrides by section) from a
+    preset or YAML path."""
     data = load_yaml(config)
     for section in data:
-        if section not in RUN_SECTIONS:
-            raise ConfigError(f"config {config!r} has an unknown section {section!r}: only 'model' and 'train' exist")
+        if section not in (*RUN_SECTIONS, "data"):
+            raise ConfigError(
+                f"config {config!r} has an unknown section {section!r}: only 'model', 'train' and 'data' exist"
+            )
     parsed = parse_overrides(overrides, RUN_SECTIONS)
     train_config = TrainConfig.from_dict(dict(data.get("train") or {}) | parsed["train"])
-    return dict(data.get("model") or {}) | parsed["model"], train_config, parsed
+    return dict(data.get("model") or {}) | parsed["model"], train_config, data_specs(config, data.get("data")), parsed

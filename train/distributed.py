@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,9 +96,16 @@ def process_group(device: str, timeout_s: float) -> Iterator[World]:
             )
         torch.cuda.set_device(local_rank)
     global _patient_group
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    # A group that torchrun restarts meets in the same store: its own prefix keeps it from the old group's addresses.
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        timeout=timedelta(seconds=timeout_s),
+        store=dist.PrefixStore(f"restart-{restart}/", store),
+        rank=rank,
+        world_size=size,
+        timeout=timeout,
         device_id=torch.device("cuda", local_rank) if cuda else None,
     )
     _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
@@ -107,17 +117,24 @@ def process_group(device: str, timeout_s: float) -> Iterator[World]:
     except RuntimeError as error:
         if not (isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))):
             raise
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if threading.current_thread() is threading.main_thread():  # torchrun's SIGTERM must not cut the message
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise RankLost(
             f"rank {world.rank} of {world.size}: another process of this run died or stopped answering "
-            f"({first_line}); this one stops too (train.dist_timeout_s={timeout_s:g}). Continue from the newest "
-            "checkpoint: run the same torchrun command with --resume (torchrun --max-restarts=N does it by itself)"
+            f"({_gist(error)}), so this one stops too (train.dist_timeout_s={timeout_s:g}). Continue from the newest "
+            "checkpoint with the same command and --resume (torchrun --max-restarts=N resumes by itself)"
         ) from error
     finally:
         _patient_group = None
         dist.destroy_process_group()
         if quiet:
             quiet.close()
+
+
+def _gist(error: BaseException) -> str:
+    """A gloo or NCCL error's first sentence without its source location ("[.../pair.cc:537] Read error ...")."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0]
+    return text[:200] or type(error).__name__
 
 
 def main_first(work: Callable[[], T]) -> T:
@@ -150,9 +167,10 @@ def from_main(work: Callable[[], T]) -> T:
 
 
 def wait_for_main() -> None:
-    """Every process waits here until rank 0 arrives (after writing a checkpoint alone)."""
+    """Every other process waits here for rank 0 (after writing a checkpoint alone), as long as it takes; rank 0 goes
+    on at once, so a process that died or hung meanwhile fails rank 0's next collective within its timeout."""
     if current_world().size > 1:
-        dist.barrier(group=_patient_group)
+        dist.broadcast(torch.zeros(1), src=0, group=_patient_group)
 
 
 def resolve_parallel(requested: str, world_size: int) -> str:

@@ -26,7 +26,7 @@ from .corpus import DataError, canonical_data, mixture_fingerprint, parse_data, 
 from .data import TokenFiles, prepare_data
 from .distributed import current_world, main_first
 from .tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
-from .trainer import Trainer
+from .trainer import LOG_NAME, Trainer
 
 RUN_NAME = "run.json"
 LOCK_NAME = ".lock"
@@ -145,7 +145,8 @@ def start_run(
                 f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out"
             )
         main = current_world().is_main
-        if main:
+        if main:  # the log of an earlier start that died before its first checkpoint (a torchrun restart's)
+            (run_dir / LOG_NAME).unlink(missing_ok=True)
             train_parts = _splits(data, val_data, config)["train"].values()
 
             def texts():  # every training source's text, for a BPE tokenizer to learn from

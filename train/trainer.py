@@ -359,6 +359,8 @@ class Trainer:
         else:  # the mean of the processes' losses is the global batch's; a signal to any of them stops them all
             gathered = distributed.gather([total_loss.item(), self.stop_signal or 0], self.device)
             loss_value, self.stop_requested = gathered[:, 0].mean().item(), int(gathered[:, 1].max()) or None
+            if self.stop_requested is not None:  # not when a process died: the gather failed first
+                self._announce_stop(self.stop_requested)
         if not math.isfinite(loss_value):
             found = checkpoint.checkpoint_dirs(self.run_dir)
             last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
@@ -427,6 +429,14 @@ class Trainer:
         self.log(record | {"peak_flops": peak, "peak_source": source} | world | {"changes": self.changes})
         return peak * self.world.size
 
+    def _announce_stop(self, signum: int) -> None:
+        """On rank 0: which signal stops the run, and after which step."""
+        if self.world.is_main:
+            name = signal.Signals(signum).name
+            print(
+                f"\n{name}: finishing step {self.step + 1}, then a checkpoint; again to stop at once", file=sys.stderr
+            )
+
     @contextlib.contextmanager
     def _stop_on_signals(self):
         """While training, the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step and a
@@ -441,12 +451,8 @@ class Trainer:
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = signum
-            name = signal.Signals(signum).name
-            if self.world.is_main:
-                print(
-                    f"\n{name}: finishing step {self.step + 1}, then a checkpoint; again to stop at once",
-                    file=sys.stderr,
-                )
+            if self.world.size == 1:  # several processes say it once they agree to stop (train_step)
+                self._announce_stop(signum)
 
         previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -18,7 +18,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         nargs="+",
         help="training corpus: files, directories, globs, .jsonl, .parquet, saved datasets (default: built-in); "
-        "or a mixture of name=path:weight entries",
+        "or a mixture of name=path:weight entries (replaces the config's data: list)",
     )
     parser.add_argument("--val-data", nargs="+", help="validation corpus (default: held out from --data by file hash)")
     parser.add_argument("--tokenizer", default="bpe", help="bpe (trained on the data), byte, or a tokenizer.json path")
@@ -43,7 +43,8 @@ def run_train(args: argparse.Namespace) -> None:
     from ..train.distributed import process_group
     from ..train.run import RunLock, resume_run, start_run
 
-    model_values, train_config, overrides = build_run_configs(args.config, args.set)
+    model_values, train_config, config_data, overrides = build_run_configs(args.config, args.set)
+    data = args.data or config_data  # --data replaces the config's data: list
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
     if args.resume and overrides["model"]:
         raise ConfigError(
@@ -61,11 +62,11 @@ def run_train(args: argparse.Namespace) -> None:
             print(f"restart {restart} by torchrun: resuming from {checkpoint.latest_checkpoint(run_dir)}")
         with RunLock(run_dir) if world.is_main else contextlib.nullcontext():
             if resume:
-                trainer = resume_run(run_dir, overrides["train"], args.data, args.val_data, args.new_data)
+                trainer = resume_run(run_dir, overrides["train"], data, args.val_data, args.new_data)
             else:
                 if "vocab_size" not in overrides["model"]:  # the preset's is a placeholder: follow the tokenizer
                     model_values.pop("vocab_size", None)
-                trainer = start_run(run_dir, model_values, train_config, args.data, args.val_data, args.tokenizer)
+                trainer = start_run(run_dir, model_values, train_config, data, args.val_data, args.tokenizer)
             train_and_sample(trainer, args)
 
 

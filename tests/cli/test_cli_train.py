@@ -136,3 +136,13 @@ def test_eval_of_a_one_byte_file_and_an_undecodable_prompt(tmp_path, corpus, cap
     prompt = b"caf\xe9 ".decode("utf-8", errors="surrogateescape")  # a Latin-1 byte, as argv carries it
     assert main(["generate", "--checkpoint", str(run), "--prompt", prompt, "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("caf\ufffd ")
+
+
+def test_a_fresh_start_drops_the_log_of_a_start_that_never_checkpointed(tmp_path, corpus):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(json.dumps({"step": 7, "loss": 9.5}) + "\n")  # died before its first checkpoint
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", "byte", "--out", str(run)]
+    assert main(args + ["--samples", "0", "--set", "train.max_steps=2", "--set", "train.log_every=1"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,49 @@ def test_an_unknown_text_field_is_named_with_the_fields_there_are(tmp_path, caps
     assert 'has no string "text" field' in capsys.readouterr().err
     assert main(argv + ["--set", "train.text_field=content"]) == 2
     assert 'has no string "content" field' in capsys.readouterr().err
+
+
+def config_with_data(tmp_path, entries: str) -> str:
+    """configs/tiny.yaml with a data: section (YAML text of its list)."""
+    path = tmp_path / "mixture.yaml"
+    path.write_text((Path(__file__).parents[2] / "configs" / "tiny.yaml").read_text() + f"data:\n{entries}")
+    return str(path)
+
+
+def test_a_config_data_list_trains_the_mixture_that_data_gives(corpora, tmp_path):
+    entries = (
+        f"  - {{name: code, path: {corpora / 'code'}, weight: 3}}\n  - {{name: prose, path: {corpora / 'prose'}}}\n"
+    )
+    config = config_with_data(tmp_path, entries)
+    train(tmp_path / "yaml", "--config", config, "--set", "train.max_steps=8")
+    train(tmp_path / "cli", "--data", f"code={corpora / 'code'}:3", f"prose={corpora / 'prose'}:1",
+          "--set", "train.max_steps=8")  # fmt: skip
+    counts = {}
+    for run in ("yaml", "cli"):
+        logged = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        counts[run] = [(r["step"], r["source_tokens"]) for r in logged if "source_tokens" in r]
+    assert counts["yaml"] == counts["cli"] and len(counts["yaml"]) == 1  # steps 1-5: log_every=5, 8 steps
+    assert set(counts["yaml"][0][1]) == {"code", "prose"}
+    assert weights(tmp_path / "yaml") == weights(tmp_path / "cli")  # the very same batches
+    # --data replaces the config's list
+    train(tmp_path / "override", "--config", config, "--data", str(corpora / "prose"), "--set", "train.max_steps=1")
+    assert json.loads((tmp_path / "override" / "run.json").read_text())["data"] == [str(corpora / "prose")]
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ("  - {name: code, path: P, weight: 0}\n", "data[code].weight=0 must be a positive number"),
+        ("  - {name: code, path: P, weight: heavy}\n", "data[code].weight='heavy' must be a positive number"),
+        ("  - {name: code}\n", "has no path: add it"),
+        ("  - {name: 'a b', path: P}\n", "data[].name='a b' must be a word"),
+        ("  - {name: code, path: P, weigth: 2}\n", "unknown data field 'weigth': did you mean 'weight'?"),
+        ("  - {name: code, path: P}\n  - {name: code, path: P}\n", "names 'code' twice"),
+        ("  code: P\n", "must be a list of sources"),
+    ],
+)
+def test_bad_config_data_is_refused_naming_the_field(corpora, tmp_path, capsys, entries, message):
+    config = config_with_data(tmp_path, entries.replace("P", str(corpora / "code")))
+    assert main(COMMAND + ["--config", config, "--out", str(tmp_path / "run"), "--set", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

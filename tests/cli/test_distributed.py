@@ -1,5 +1,6 @@
 """`minigrok train` under torchrun on CPU (gloo, 2 processes of 1 thread): DDP and FSDP2 train what one process
-trains at the global batch, resume exactly, write one log and one set of checkpoints, and stop when a rank dies.
+trains at the global batch, resume exactly, write one log and one set of checkpoints, and stop when a rank dies:
+the survivor in one line, whether torchrun SIGTERMs it or a collective times out, and a torchrun restart resumes.
 
 Parity bound: 2 processes x batch b against 1 process x batch 2b (and FSDP against DDP) differ only in the order
 fp32 sums are taken (a mean of two half-batch means, gradients added across processes). Over these 6 steps the
@@ -10,13 +11,18 @@ batch, a missed gradient sync or a doubled learning rate would move either.
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from minigrok.train import checkpoint
 
 TOLERANCE = 1e-5
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -137,3 +143,102 @@ def test_parallel_is_checked_against_the_launch(corpus, tmp_path):
     assert result.returncode == 2 and "train.parallel=ddp needs several processes" in result.stderr
     result = minigrok("train", *COMMON, "--out", str(tmp_path / "b"), "--set", "train.parallel=tp")
     assert result.returncode == 2 and "train.parallel='tp' is unknown" in result.stderr
+
+
+# -- a rank that dies ------------------------------------------------------------------------------------------------
+
+ENDLESS = ["--set", "train.max_steps=100000", "--set", "train.ckpt_every=5", "--set", "train.eval_every=100000"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def worker(launcher: subprocess.Popen, local_rank: int) -> int:
+    """The pid of torchrun's worker of `local_rank`."""
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        if f"LOCAL_RANK={local_rank}" in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0"):
+            return int(pid)
+    raise AssertionError(f"torchrun has no worker of local rank {local_rank}")
+
+
+def wait_for(path: Path, *processes: subprocess.Popen) -> None:
+    """Until `path` exists (a checkpoint renamed into place), while every process still runs."""
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, f"no {path}"
+        time.sleep(0.1)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr's lines but tqdm's progress bars."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip() and "step/s" not in line and "%|" not in line]
+
+
+def check_rank_lost(stderr: str, rank: int, timeout_s: int) -> None:
+    """The survivor said, in one line and no traceback, that another process died and how to continue."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in error_lines(stderr) if "error" in line.lower()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"minigrok train: error: rank {rank} of 2: another process of this run died")
+    assert f"train.dist_timeout_s={timeout_s}" in errors[0] and "--resume" in errors[0]
+
+
+def check_last_checkpoint(run: Path, at_least: int) -> None:
+    last = checkpoint.latest_checkpoint(run)
+    assert int(last.name[5:]) >= at_least
+    assert checkpoint.load_checkpoint(last)["step"] == int(last.name[5:])  # every file against its sha256
+
+
+def test_a_rank_killed_under_torchrun_stops_the_other_in_one_line_and_a_restart_resumes(corpus, tmp_path):
+    """torchrun (static rendezvous: its store outlives the group) SIGTERMs the survivor of a rank killed mid-run; the
+    survivor says so in one line, and the group torchrun --max-restarts=1 starts again with the same command
+    resumes from the newest checkpoint and ends where the budget says."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    launcher += ["--max-restarts=1", "--log-dir", str(logs), "--redirects=3"]
+    command = [*launcher, "-m", "minigrok.cli", "train", *COMMON, *ENDLESS, "--set", "train.max_steps=40"]
+    command += ["--data", str(corpus), "--out", str(run)]
+    torchrun = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(run / "ckpt-10", torchrun)
+    os.kill(worker(torchrun, 1), signal.SIGKILL)
+    _, err = torchrun.communicate(timeout=180)
+    assert torchrun.returncode == 0, err[-3000:]
+    (survivor,) = logs.glob("*/attempt_0/0/stderr.log")
+    check_rank_lost(survivor.read_text(), rank=0, timeout_s=60)
+    (restarted,) = logs.glob("*/attempt_1/0/stdout.log")
+    resumed = [line for line in restarted.read_text().splitlines() if line.startswith("restart 1 by torchrun")]
+    assert len(resumed) == 1 and int(resumed[0].rsplit("ckpt-", 1)[1]) >= 10, resumed
+    assert sorted(losses(run)) == list(range(1, 41))  # the lines past the checkpoint dropped, then written again
+    check_last_checkpoint(run, at_least=40)
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_rank_lost_without_torchrun_stops_the_other_within_the_timeout(corpus, tmp_path, how):
+    """Processes started by hand (no launcher to SIGTERM the survivor): rank 0, which holds the store, is killed, or
+    rank 1 stops answering (SIGSTOP), and the other stops at once or once a collective waited train.dist_timeout_s."""
+    run, timeout_s = tmp_path / "run", 5
+    argv = [sys.executable, "-m", "minigrok.cli", "train", *COMMON, *ENDLESS, "--data", str(corpus), "--out", str(run)]
+    argv += ["--set", f"train.dist_timeout_s={timeout_s}"]
+    env = ENV | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [
+        subprocess.Popen(argv, env=env | {"RANK": r, "LOCAL_RANK": r}, stderr=subprocess.PIPE, text=True)
+        for r in ("0", "1")
+    ]
+    victim, survivor = (0, 1) if how == "killed" else (1, 0)
+    try:
+        wait_for(run / "ckpt-10", *ranks)
+        ranks[victim].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        _, stderr = ranks[survivor].communicate(timeout=timeout_s + 60)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    assert ranks[survivor].returncode == 1
+    check_rank_lost(stderr, rank=survivor, timeout_s=timeout_s)
+    if how == "hung":
+        assert f"Timed out waiting {timeout_s * 1000}ms" in stderr
+    check_last_checkpoint(run, at_least=10)

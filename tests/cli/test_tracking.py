@@ -4,6 +4,7 @@ the very same weights, TensorBoard and wandb (offline) get log.jsonl's numbers, 
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,66 @@ def test_bad_values_are_refused_naming_the_field(tmp_path, corpus, capsys):
     assert "train.log_to='jsonl,mlflow': 'mlflow' is not a writer" in capsys.readouterr().err
     assert main(base + ["--set", "train.log_to=jsonl,,wandb"]) == 2
     assert "'' is not a writer" in capsys.readouterr().err
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline run's .wandb file, read as wandb writes it: a 7-byte header (":W&B", magic,
+    version), then 32 KiB blocks of records, each a 7-byte header (checksum, length, type: 1 whole, 2-4 first,
+    middle, last piece) and its bytes; a block's tail shorter than a header is padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    found, offset, pending = [], header, b""
+    while offset + header <= len(data):
+        if block - offset % block < header:
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + header])
+        pending += data[offset + header : offset + header + length]
+        offset += header + length
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(pending)
+            found.append(record)
+            pending = b""
+    return found
+
+
+def wandb_history(path: Path) -> tuple[str, dict[int, dict[str, float]]]:
+    """(run id, {step: {name: value}}) of an offline run, without wandb's own _step, _runtime and _timestamp."""
+    records = wandb_records(path)
+    (run_id,) = {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"}
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return run_id, history
+
+
+def by_step(records: list[dict]) -> dict[int, dict[str, float]]:
+    """log.jsonl's numbers merged by step, as wandb merges the calls of one step into one row."""
+    merged: dict[int, dict[str, float]] = {}
+    for record in records:
+        merged.setdefault(record["step"], {}).update(numbers(record))
+    return merged
+
+
+def test_wandb_offline_logs_log_jsonl_numbers_and_a_resume_continues_its_run(tmp_path, corpus):
+    pytest.importorskip("wandb", reason="wandb is an optional extra: pip install -e '.[wandb]'")
+    run, env = tmp_path / "run", {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_PROJECT": "test"}
+    finish(start(run, corpus, "--set", "train.max_steps=12", "--set", "train.log_to=jsonl,wandb", env=env))
+    shutil.rmtree(run / "ckpt-12")  # resume from step 10
+    finish(start(run, corpus, "--resume", "--set", "train.max_steps=16", env=env))
+    run_id = json.loads((run / "wandb.json").read_text())["id"]
+    stretches = [wandb_history(path) for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert [found_id for found_id, _ in stretches] == [run_id, run_id]  # one wandb run, continued
+    records = log_records(run)
+    segments = [index for index, record in enumerate(records) if "peak_source" in record]
+    assert len(segments) == 2 and records[segments[1]]["step"] == 10
+    first, second = by_step(records[: segments[1]]), by_step(records[segments[1] :])
+    assert {"loss", "lr", "grad_norm", "val_loss", "val_bpb", "peak_flops"} <= set(first[10]) | set(first[0])
+    assert stretches[1][1] == second and sorted(second) == [10, 15, 16]
+    # the first stretch also logged step 12 (its final eval), which log.jsonl dropped on resuming from step 10
+    assert {step: row for step, row in stretches[0][1].items() if step <= 10} == first and 12 in stretches[0][1]

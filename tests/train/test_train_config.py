@@ -9,7 +9,7 @@ from minigrok.train.config import RUN_SECTIONS, build_run_configs
 
 
 def test_overrides_read_numbers_in_exponent_form():
-    _, train, overrides = build_run_configs("tiny", ["train.lr=6e-3", "train.max_tokens=1e6", "model.norm_eps=1e-6"])
+    _, train, _, overrides = build_run_configs("tiny", ["train.lr=6e-3", "train.max_tokens=1e6", "model.norm_eps=1e-6"])
     assert train.lr == 0.006 and train.max_tokens == 1_000_000 and isinstance(train.max_tokens, int)
     assert overrides["model"] == {"norm_eps": 1e-6}
 
