@@ -30,8 +30,10 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys, tokenizer):
     # auto measured the dtype for real: said on the console, logged with its figures, recorded with the run
     assert "dtype: " in out and ", auto (measured in" in out and "matmul peak (" in out
     first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    # On a loaded machine the time-capped probe may time only one candidate; the chosen one is always timed.
+    measured = set(first["dtype_gflops"])
     assert (
-        first["dtype_source"] == "auto" and set(first["dtype_gflops"]) == {"fp32", "bf16"} and first["peak_flops"] > 0
+        first["dtype_source"] == "auto" and first["dtype"] in measured <= {"fp32", "bf16"} and first["peak_flops"] > 0
     )
     state = json.loads((run / "ckpt-12" / "trainer_state.json").read_text())
     assert state["dtype"] == first["dtype"] in ("fp32", "bf16")
