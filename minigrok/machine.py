@@ -117,8 +117,9 @@ def race(
         if not level:
             break
         best = min(level.values())
-        if best >= DECISIVE_S:
-            alive = [dtype for dtype, seconds in level.items() if seconds <= DROP_FACTOR * best]
+        # A dtype the deadline left untimed on this first level is out; so, once a level is decisive, is one that is
+        # DROP_FACTOR slower than the best.
+        alive = [dtype for dtype, seconds in level.items() if best < DECISIVE_S or seconds <= DROP_FACTOR * best]
         next_rows = min(max_rows, rows * 4)
         predicted = sum(3 * level[dtype] * next_rows / rows for dtype in alive)  # a warm-up and two timed calls
         if next_rows == rows or clock() + predicted > deadline:

@@ -97,6 +97,13 @@ def test_race_does_not_compare_on_a_level_the_deadline_cut_short():
     assert reached["fp32"][0] == reached["bf16"][0] == 64
 
 
+def test_race_goes_on_without_a_dtype_the_deadline_left_untimed():
+    # On a loaded machine bf16's first call does not fit the budget at all: fp32 alone goes on growing.
+    fake = FakeMachine(lambda dtype, rows: rows * 1e-6 + (0 if dtype == "fp32" else 10.0))
+    reached = race(fake.measure, ["fp32", "bf16"], max_rows=4096, first_rows=16, budget_s=0.5, clock=fake.clock)
+    assert set(reached) == {"fp32"} and reached["fp32"][0] == 4096 and choose_dtype(rates_of(reached)) == "fp32"
+
+
 def test_auto_takes_the_measured_choice(measured):
     choice = resolve_dtype("auto", DEMO, 3072, CPU, training=True)
     assert (choice.dtype, choice.source, choice.note) == ("bf16", "auto", None)
