@@ -187,8 +187,9 @@ class QuantizedLinear(nn.Module):
         if not self.use_torch_ops or device != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "dequantize"
         if self.bits == 8:
-            # bfloat16 inputs give wrong results (or crash) when in_features is not a multiple of 16.
-            return "int8pack_mm" if dtype != torch.bfloat16 or self.in_features % 16 == 0 else "dequantize"
+            # With bfloat16 inputs it reads each weight row 16-byte aligned (else wrong results or a crash).
+            aligned = self.in_features % 16 == 0 and self.qweight.data_ptr() % 16 == 0
+            return "int8pack_mm" if dtype != torch.bfloat16 or aligned else "dequantize"
         fits = self.group_size in CPU_INT4_GROUP_SIZES and self.out_features % 16 == 0
         return "int4pack_mm" if fits else "dequantize"
 
@@ -321,7 +322,12 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
     floats = {name: shape for name, shape in parameter_shapes(config).items() if name not in quantization.tensors}
     expected = floats | {name: shape for name, (shape, _) in packed.items()}
     check_weights(directory / WEIGHTS_NAME, expected, {name: dtype for name, (_, dtype) in packed.items()})
-    tensors = read_tensors(directory / WEIGHTS_NAME, map_location)
+    # A tensor read from the file may start at any byte; a copy starts where torch's allocator aligns it (64 bytes),
+    # as torch's bf16 int8 op needs.
+    tensors = {
+        name: t if t.data_ptr() % 64 == 0 else t.clone()
+        for name, t in read_tensors(directory / WEIGHTS_NAME, map_location).items()
+    }
     with torch.device("meta"):
         model = MiniGrok(config)
     layers = {

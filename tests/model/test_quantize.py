@@ -118,6 +118,20 @@ def test_each_matmul_path_matches_float64_math_on_the_dequantised_weight(
     torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_a_weight_at_any_address_runs_the_bf16_int8_matmul(rows):
+    q, scales = quantize_weight(random_weight(128, 64), 8)
+    buffer = torch.empty(q.numel() + 8, dtype=torch.int8)
+    buffer[8:] = q.flatten()
+    misaligned = buffer[8:].view(q.shape)  # as safetensors may hand a tensor back: 8 bytes past an aligned start
+    x = torch.randn(rows, 64).bfloat16()
+    reference = x.double() @ dequantize(q, scales, 8, torch.bfloat16).double().T
+    for weight, kernel in [(misaligned, "dequantize"), (q, "int8pack_mm")]:
+        layer = QuantizedLinear(weight, scales, 8, None)
+        assert layer.kernel("cpu", torch.bfloat16) == kernel
+        torch.testing.assert_close(layer(x).double(), reference, rtol=0, atol=1e-2 * reference.abs().max().item())
+
+
 def test_autocast_runs_the_matmul_in_its_dtype():
     layer = QuantizedLinear(*quantize_weight(random_weight(32, 64), 8), 8, None)
     x = torch.randn(3, 64)
@@ -204,6 +218,9 @@ def test_save_and_load_round_trip_a_packed_file(tmp_path, bits, group_size, incl
     assert dtypes["embed." + ("qweight" if include_embedding else "weight")] == ("I8" if include_embedding else "F32")
     loaded = load_quantized(tmp_path)
     assert loaded.quantization == model.quantization
+    layers = [m for m in loaded.modules() if isinstance(m, QuantizedLinear)]
+    assert all(m.qweight.data_ptr() % 64 == 0 for m in layers)  # aligned as torch's ops want, wherever the file put it
+    assert {m.kernel("cpu", torch.bfloat16) for m in layers} == {f"int{bits}pack_mm"}
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 9))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(CheckpointError, match="is a quantised checkpoint.*load_quantized"):
