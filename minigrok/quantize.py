@@ -8,10 +8,10 @@ Scales are stored in float16: 3 more significand bits than bfloat16 (a row's sca
 it, so its rounding is a per-row gain error: 2^-11 instead of 2^-8), and the range of weight magnitudes fits it;
 each scale is rounded up where float16 would round it down, so |q| never exceeds its maximum.
 
-QuantizedLinear runs its matmul on the packed weight: on CPU through torch's weight-only ops where they take the
-shape and dtype (_weight_int8pack_mm; _weight_int4pack_mm_for_cpu on the layout of
+QuantizedLinear runs its matmul on the packed weight: for a few rows (decoding) on CPU through torch's weight-only
+ops where they take the shape and dtype (_weight_int8pack_mm; _weight_int4pack_mm_for_cpu on the layout of
 _convert_weight_to_int4pack_for_cpu, built from q on first use), otherwise by dequantising that one weight at call
-time. Nothing is dequantised up front.
+time for the float GEMM. Nothing is dequantised up front.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ DEFAULT_GROUP_SIZE = 64
 SCALE_DTYPE = torch.float16
 # torch's CPU int4 matmul takes these group sizes and a multiple of 16 output rows.
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Above this many rows per call the weight-only ops were slower than dequantise + float GEMM (AMD EPYC, 2 cores).
+MAX_TORCH_OP_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class QuantizedLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rows = x.reshape(-1, self.in_features).to(dtype).contiguous()
-        kernel = self.kernel(device, dtype)
+        kernel = self.kernel(device, dtype, rows.shape[0])
         if kernel == "int8pack_mm":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.to(dtype))
         elif kernel == "int4pack_mm":
@@ -181,10 +183,14 @@ class QuantizedLinear(nn.Module):
             out = rows @ dequantize(self.qweight, self.scales, self.bits, dtype).T
         return out.view(*x.shape[:-1], self.out_features)
 
-    def kernel(self, device: str, dtype: torch.dtype) -> str:
-        """The matmul forward runs for inputs of `dtype` on `device`: torch's CPU weight-only op where it takes the
-        shape and dtype ("int8pack_mm", "int4pack_mm"), else "dequantize" (this weight alone, at call time)."""
-        if not self.use_torch_ops or device != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    def kernel(self, device: str, dtype: torch.dtype, rows: int = 1) -> str:
+        """The matmul forward runs for `rows` input rows of `dtype` on `device`: torch's CPU weight-only op where it
+        takes the shape and dtype and the rows are few, as in decoding ("int8pack_mm", "int4pack_mm"), else
+        "dequantize" (this weight alone, at call time: for many rows the float GEMM is faster and dequantising one
+        weight costs a small part of it)."""
+        if rows > MAX_TORCH_OP_ROWS or not self.use_torch_ops or device != "cpu":
+            return "dequantize"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "dequantize"
         if self.bits == 8:
             # With bfloat16 inputs it reads each weight row 16-byte aligned (else wrong results or a crash).
@@ -293,7 +299,7 @@ def read_quantization(directory: Path, config: ModelConfig) -> Quantization:
         raise CheckpointError(f"{path}: tensors={tensors!r} must be a list of weight names: re-run minigrok quantize")
     if unknown := [name for name in tensors if name not in allowed]:
         raise CheckpointError(
-            f"{path}: tensors names {unknown[:3]}, not quantisable weights of this config ({allowed[0]}, ...): "
+            f"{path}: tensors lists {unknown[:3]}, not quantisable weights of this config ({allowed[0]}, ...): "
             "config.json and quantization.json come from different models; re-run minigrok quantize"
         )
     for field in ("bits", "group_size"):
