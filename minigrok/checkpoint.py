@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "manifest.json"
+QUANTIZATION_NAME = "quantization.json"  # a quantised checkpoint's record (minigrok.quantize)
 SHARDS_NAME = "shards"  # a sharded (FSDP) training checkpoint's weights, one safetensors file per process
 WEIGHT_DTYPES = {"F32", "BF16", "F16"}
 
@@ -86,9 +87,10 @@ def read_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
         ) from error
 
 
-def check_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise CheckpointError unless the file's header holds exactly `expected` names and shapes, in one floating
-    dtype (float32, bfloat16 or float16, which the model takes as it is)."""
+def check_weights(path: Path, expected: dict[str, tuple[int, ...]], fixed_dtypes: dict[str, str] | None = None) -> None:
+    """Raise CheckpointError unless the file's header holds exactly `expected` names and shapes, the tensors named
+    in `fixed_dtypes` in their safetensors dtype (a quantised model's integers and scales) and the rest in one
+    floating dtype (float32, bfloat16 or float16, which the model takes as it is)."""
     header = read_header(path)
     missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
@@ -102,11 +104,19 @@ def check_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
                 f"{path}: tensor {name!r} has shape {header[name][0]} but the config implies {tuple(shape)}: "
                 "the weights and config.json come from different models"
             )
-    dtypes = [dtype for _, dtype in header.values()]
+    fixed_dtypes = fixed_dtypes or {}
+    for name, dtype in fixed_dtypes.items():
+        if header[name][1] != dtype:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {header[name][1]} but its record implies {dtype}: the weights and the "
+                "JSON beside them come from different saves; save the model again"
+            )
+    floats = {name: entry for name, entry in header.items() if name not in fixed_dtypes}
+    dtypes = [dtype for _, dtype in floats.values()]
     usual = max(set(dtypes), key=dtypes.count)
-    odd = [n for n, (_, dtype) in header.items() if dtype not in WEIGHT_DTYPES or dtype != usual]
+    odd = [n for n, (_, dtype) in floats.items() if dtype not in WEIGHT_DTYPES or dtype != usual]
     if odd or usual not in WEIGHT_DTYPES:
-        name = (odd or list(header))[0]
+        name = (odd or list(floats))[0]
         raise CheckpointError(
             f"{path}: tensor {name!r} is {header[name][1]} among {sorted(set(dtypes))}; weights must all be one of "
             f"{sorted(WEIGHT_DTYPES)}: convert the file (e.g. tensors.float()) and save it again"
@@ -197,6 +207,11 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu", 
 
     directory = Path(directory)
     config = read_config(directory)
+    if (directory / QUANTIZATION_NAME).is_file():
+        raise CheckpointError(
+            f"{directory} is a quantised checkpoint ({QUANTIZATION_NAME}): load it with "
+            "minigrok.quantize.load_quantized; generate and eval read it as it is"
+        )
     if (directory / SHARDS_NAME).is_dir() and not (directory / WEIGHTS_NAME).exists():
         raise CheckpointError(
             f"{directory} holds its weights in shards (an FSDP training checkpoint): "

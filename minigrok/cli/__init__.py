@@ -41,6 +41,11 @@ COMMANDS: dict[str, Command | Group] = {
     "import-hf": Command(
         "convert a Hugging Face Llama checkpoint to minigrok", models.add_import_hf_arguments, models.run_import_hf
     ),
+    "quantize": Command(
+        "write a packed int8 / int4 weight-only quantised checkpoint",
+        models.add_quantize_arguments,
+        models.run_quantize,
+    ),
     "train": Command(
         "train a model (default: demo-cpu on the built-in corpus), then sample",
         training.add_train_arguments,

@@ -9,15 +9,17 @@ from .arguments import add_checkpoint_arguments, add_dtype_argument
 
 
 def load_checkpoint(path: str, verify: bool = True):
-    """(model, tokenizer) from a checkpoint or run directory (its newest checkpoint), checked against each other
-    and, with `verify`, every file against the checkpoint's manifest."""
+    """(model, tokenizer) from a checkpoint or run directory (its newest checkpoint), float or quantised, checked
+    against each other and, with `verify`, every file against the checkpoint's manifest."""
     from ..checkpoint import CheckpointError, check_files, read_manifest
     from ..model import MiniGrok
+    from ..quantize import is_quantized, load_quantized
     from ..train.checkpoint import STATE_NAME, load_trainer_state, resolve_checkpoint
     from ..train.tokenizer import TOKENIZER_NAME, Tokenizer, check_vocab
 
     ckpt = resolve_checkpoint(path)
-    model = MiniGrok.from_pretrained(ckpt, verify=verify).eval()
+    load = load_quantized if is_quantized(ckpt) else MiniGrok.from_pretrained
+    model = load(ckpt, verify=verify).eval()
     if (manifest := read_manifest(ckpt)) and TOKENIZER_NAME in manifest["files"]:
         check_files(ckpt, manifest, [TOKENIZER_NAME], hashes=verify)
     tokenizer = Tokenizer.load(ckpt)

@@ -1,4 +1,5 @@
-"""`minigrok info`, `export-hf` and `import-hf`: the sizes of a config, and conversion to and from the Llama layout."""
+"""`minigrok info`, `export-hf`, `import-hf` and `quantize`: the sizes of a config, conversion to and from the Llama
+layout, and packed int8 / int4 checkpoints."""
 
 from __future__ import annotations
 
@@ -33,11 +34,16 @@ def run_export_hf(args: argparse.Namespace) -> None:
     """Write the checkpoint as a Llama checkpoint; a training checkpoint's tokenizer goes along."""
     from ..hf import export_hf
     from ..model import MiniGrok
+    from ..quantize import is_quantized
     from ..train.checkpoint import resolve_checkpoint
     from ..train.tokenizer import TOKENIZER_NAME
     from .inference import load_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
+    if is_quantized(ckpt):
+        raise ValueError(
+            f"{ckpt} is quantised: the Llama layout takes float weights; export the checkpoint it came from"
+        )
     if (ckpt / TOKENIZER_NAME).is_file():
         model, tokenizer = load_checkpoint(ckpt, verify=not args.no_verify)
     else:
@@ -58,3 +64,40 @@ def run_import_hf(args: argparse.Namespace) -> None:
 
     import_hf(args.hf_dir).save_pretrained(args.out)
     print(f"wrote a minigrok checkpoint to {args.out}")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: per output channel; 4: grouped")
+    parser.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="4 bits (default: 64)")
+    parser.add_argument(
+        "--include-embedding", action="store_true", help="quantise the embedding (the tied head) and an untied head too"
+    )
+    parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's, -int8 / -int4-g64)")
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    """Write a packed int8 / int4 checkpoint (with the tokenizer) that generate and eval read, and say its size."""
+    from pathlib import Path
+
+    from ..checkpoint import WEIGHTS_NAME
+    from ..quantize import DEFAULT_GROUP_SIZE, quantize_model, save_quantized
+    from ..report import model_report
+    from ..train.checkpoint import resolve_checkpoint
+    from .inference import load_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(ckpt, verify=not args.no_verify)
+    group_size = args.group_size or (DEFAULT_GROUP_SIZE if args.bits == 4 else None)
+    name = f"int{args.bits}" + (f"-g{group_size}" if group_size else "") + ("-emb" if args.include_embedding else "")
+    out = Path(args.out or f"{ckpt}-{name}")
+    if out.resolve() == ckpt.resolve():
+        raise ValueError(f"--out {out} is the checkpoint being quantised: choose another directory")
+    quantize_model(model, args.bits, args.group_size, args.include_embedding)
+    tokenizer.save(out)
+    save_quantized(model, out)
+    size, fp32_size = (out / WEIGHTS_NAME).stat().st_size, model_report(model.config).checkpoint_bytes["fp32"]
+    print(
+        f"wrote {name} to {out}: {WEIGHTS_NAME} {size / 2**20:.2f} MiB, {size / fp32_size:.3f} of the fp32 weights "
+        f"({fp32_size / 2**20:.2f} MiB); {len(model.quantization.tensors)} weights quantised"
+    )
