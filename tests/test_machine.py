@@ -166,7 +166,8 @@ def test_the_real_probe_finishes_within_its_cap(training, rows):
     start = time.perf_counter()
     rates, probe_rows, wall_s = machine.measure_dtypes.__wrapped__(machine.matmul_shapes(DEMO), rows, CPU, training)
     assert time.perf_counter() - start < 1.0  # the promise: under a second on any CPU, however slow a dtype is
-    assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
+    # fp32 is timed first; on a heavily loaded machine the cap can leave bf16 untimed, which the choice survives.
+    assert "fp32" in rates and set(rates) <= {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
     assert all(1 <= r <= rows for r in probe_rows.values()) and wall_s <= time.perf_counter() - start
     assert choose_dtype(rates) in rates
 
