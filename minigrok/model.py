@@ -54,6 +54,7 @@ class KVCache:
             torch.arange(max_len, device=device), config.head_dim, config.rope_theta
         )
         self.empty = True  # no row holds a token: a multi-token input is a prefill from position 0 (known host-side)
+        self.rows = torch.arange(batch_size, device=device)[:, None]
         self.positions = self.mask = None  # of the forward pass under way
 
     def start(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +68,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and mask to attend over."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.keys[layer, rows, :, self.positions] = k.transpose(1, 2)
-        self.values[layer, rows, :, self.positions] = v.transpose(1, 2)
+        self.keys[layer, self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
+        self.values[layer, self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
         if self.mask is None:
             return k, v, None
         return self.keys[layer], self.values[layer], self.mask
