@@ -99,9 +99,9 @@ def attention(
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Attention under a per-row boolean mask [B, Tq, Tk], as plain matmuls (a few queries over a long buffer: a
-    decode step). Each GQA group's query heads are folded into the query axis, so every K/V head is read once by
-    all the queries that share it and never repeated."""
+    """Attention under a per-row boolean mask [B, Tq, Tk] (a few queries over a static KV cache: a decode step).
+    Each GQA group's query heads are folded into the query axis, so every K/V head is read once by all the queries
+    that share it and never repeated."""
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
@@ -112,6 +112,5 @@ def masked_attention(
         )
     folded = q.reshape(batch, n_kv_heads, group * q_len, head_dim)  # query head h = kv head * group + g
     mask = mask[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
-    scores = (folded @ k.transpose(2, 3)).float() * (head_dim**-0.5 if scale is None else scale)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
-    return (weights @ v).reshape(batch, n_heads, q_len, head_dim)
+    out = scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, n_heads, q_len, head_dim)
