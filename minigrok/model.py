@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import functional
 from .config import ModelConfig
+from .generate import stream
 from .machine import reading_back_is_free
 
 
@@ -36,20 +37,54 @@ class ModelOutput:
 
 
 class KVCache:
-    """Static per-layer key/value buffers of `n_kv_heads` heads, filled left to right (gpt-fast style)."""
+    """Static key/value buffers [n_layers, B, n_kv_heads, max_len, head_dim], one per logical layer, with each row's
+    length held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
+
+    Row b holds its tokens at positions 0 .. lengths[b] - 1; a step writes each row at its own next position and
+    attends over the whole buffer under a mask of that row's positions. Rows are slots: `reset(rows)` empties some
+    for new sequences while the others go on. The RoPE tables for max_len positions are built once, here.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions already written
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written in each row
+        self.cos, self.sin = functional.rope_cos_sin(
+            torch.arange(max_len, device=device), config.head_dim, config.rope_theta
+        )
+        self.empty = True  # no row holds a token: a multi-token input is a prefill from position 0 (known host-side)
+        self.rows = torch.arange(batch_size, device=device)[:, None]
+        self.positions = self.mask = None  # of the forward pass under way
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, D] after the cached positions; return everything cached so far for `layer`."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def start(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Begin a forward of `length` tokens per row: fix their positions and mask; return their cos/sin tables."""
+        self.positions = self.lengths[:, None] + torch.arange(length, device=self.lengths.device)  # [B, T]
+        # A prefill of empty rows attends causally over its own keys alone (the fast causal path); anything else
+        # attends over the whole buffer, each query seeing its row's keys up to its own position.
+        key_positions = torch.arange(self.keys.shape[3], device=self.lengths.device)
+        self.mask = None if self.empty and length > 1 else key_positions <= self.positions[:, :, None]
+        return self.cos[self.positions], self.sin[self.positions]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and mask to attend over."""
+        self.keys[layer, self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
+        self.values[layer, self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
+        if self.mask is None:
+            return k, v, None
+        return self.keys[layer], self.values[layer], self.mask
+
+    def advance(self, length: int) -> None:
+        self.lengths += length
+        self.empty = False
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Empty the given rows (all by default): their stale keys are masked out until overwritten."""
+        if rows is None:
+            self.lengths.zero_()
+            self.empty = True
+        else:
+            self.lengths[rows] = 0
 
 
 class RMSNorm(nn.Module):
@@ -89,9 +124,9 @@ class Attention(nn.Module):
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of q over k, v: [B, H, T, D]."""
-        return functional.attention(q, k, v, causal=True, backend=self.backend)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+        """Causal attention of q over k, v: [B, H, T, D]; or, with a KV cache's `mask` [B, Tq, Tk], under it."""
+        return functional.attention(q, k, v, causal=True, backend=self.backend, mask=mask)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """The heads of y [B, H, T, D] merged and projected back to [B, T, dim]."""
@@ -141,9 +176,10 @@ class Block(nn.Module):
             q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
             return checkpoint(self.after_attention, self.attn.attend(q, k, v), x, use_reentrant=False)
         q, k, v = self.attention_inputs(x, cos, sin)
+        mask = None
         if cache is not None:
-            k, v = cache.update(layer, k, v)
-        return self.after_attention(self.attn.attend(q, k, v), x)
+            k, v, mask = cache.update(layer, k, v)
+        return self.after_attention(self.attn.attend(q, k, v, mask), x)
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.attn.project(self.attn_norm(x), cos, sin)
@@ -236,24 +272,20 @@ class MiniGrok(nn.Module):
     ) -> ModelOutput:
         """Logits for input_ids [B, T]; or, with `targets` [B, T] (-100 = ignore), the mean loss alone.
 
-        With a `cache`, input_ids continue the cached sequence and the cache advances by T.
+        With a `cache`, input_ids continue each row of the cached sequences and the cache advances by T.
         """
-        start = 0 if cache is None else cache.length
-        # Reading the ids back would make every forward wait on a GPU: there generate() checks them once per prompt.
-        self.check_input_ids(input_ids, start, values=reading_back_is_free(input_ids))
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        x = self.embed(input_ids)
-        checkpointing = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
-        if checkpointing not in CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing={checkpointing!r} is unknown: choose one of {CHECKPOINTING}")
-        for layer, block_index in enumerate(self.layer_blocks):
-            x = self.blocks[block_index](x, cos, sin, cache, layer, checkpointing)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        x = self.norm(x)
+        # Reading back would make every forward wait on a GPU: there generate() checks each prompt once.
+        free = reading_back_is_free(input_ids)
+        start = int(cache.lengths.max()) if cache is not None and free else 0
+        self.check_input_ids(input_ids, start, values=free)
+        if cache is not None and start + input_ids.shape[1] > cache.keys.shape[3]:
+            raise ValueError(
+                f"{input_ids.shape[1]} tokens after {start} cached ones overflow the cache's max_len="
+                f"{cache.keys.shape[3]}: build the KVCache with a larger max_len"
+            )
+        x = self.hidden_states(input_ids, cache)
         if targets is None:
-            return ModelOutput(logits=x @ self.head_weight.T)
+            return ModelOutput(logits=self.logits(x))
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets{tuple(targets.shape)} must have the shape of input_ids{tuple(input_ids.shape)}")
         if targets.dtype not in (torch.int64, torch.int32):
@@ -262,6 +294,27 @@ class MiniGrok(nn.Module):
             x.flatten(0, 1), self.head_weight, targets.flatten(), backend=self.config.backend
         )
         return ModelOutput(loss=loss)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, dim] of input_ids, unchecked (forward and generate check the ids)."""
+        if cache is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        else:
+            cos, sin = cache.start(input_ids.shape[1])
+        x = self.embed(input_ids)
+        checkpointing = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={checkpointing!r} is unknown: choose one of {CHECKPOINTING}")
+        for layer, block_index in enumerate(self.layer_blocks):
+            x = self.blocks[block_index](x, cos, sin, cache, layer, checkpointing)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: vocabulary logits of hidden states [..., dim]."""
+        return hidden @ self.head_weight.T
 
     # -- generation ---------------------------------------------------------------------------------------------
 
@@ -275,11 +328,10 @@ class MiniGrok(nn.Module):
         top_p: float | None = None,
         stop_tokens: list[int] | None = None,
         seed: int | None = None,
+        compile: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, [B], one step at a time (see `generate`)."""
-        from .generate import stream
-
-        yield from stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
+        yield from stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
 
     @torch.no_grad()
     def generate(
@@ -291,14 +343,39 @@ class MiniGrok(nn.Module):
         top_p: float | None = None,
         stop_tokens: list[int] | None = None,
         seed: int | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, T] extended by up to max_new_tokens sampled tokens; greedy when temperature == 0.
 
         Generation ends early once every row has produced one of `stop_tokens`; a row that stopped first is padded
-        with its stop token. `seed` makes sampling reproducible without touching the global RNG.
+        with its stop token. `seed` makes sampling reproducible without touching the global RNG. `compile` runs the
+        decode step under torch.compile (one compile per batch size and cache length, which costs seconds on CPU;
+        it pays off over long or repeated generations).
         """
-        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed))
+        new = list(stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile))
         return torch.cat([input_ids, *(token[:, None] for token in new)], dim=1)
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        prompts: list[list[int] | torch.Tensor],
+        max_new_tokens: int | list[int],
+        temperature: float | list[float] = 1.0,
+        top_k: int | None | list[int | None] = None,
+        top_p: float | None | list[float | None] = None,
+        stop_tokens: list[int] | list[list[int]] | None = None,
+        seed: int | None | list[int | None] = None,
+        compile: bool = False,
+    ) -> list[list[int]]:
+        """The new tokens of each prompt, prompts of any lengths generated in one batch, each row as it would alone.
+
+        Every argument but `prompts` is one value for all rows or a list of one per row (`stop_tokens`: a list of
+        ids for all, or a list of such lists). A row ends after its first stop token (kept) or its max_new_tokens.
+        `seed` an int seeds row i with seed + i; a row's draws depend only on its seed, not on the other rows.
+        """
+        from .generate import generate_batch
+
+        return generate_batch(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
 
     # -- persistence and reporting ------------------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ COMMANDS: dict[str, Command | Group] = {
                 benchmarks.add_bench_data_arguments,
                 benchmarks.run_bench_data,
             ),
+            "generate": Command(
+                "greedy decode tokens/s, prefill and first-token latency, optionally against transformers' Llama",
+                benchmarks.add_bench_generate_arguments,
+                benchmarks.run_bench_generate,
+            ),
             "kernels": Command(
                 "time one op per provider across shapes; table, JSON, CSV and a plot",
                 benchmarks.add_bench_kernels_arguments,

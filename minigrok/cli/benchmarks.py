@@ -1,5 +1,5 @@
-"""`minigrok bench train`, `bench data` and `bench kernels`: training throughput against baselines, the corpus
-encoder and batch sampler, and one op across shapes."""
+"""`minigrok bench train`, `bench generate`, `bench data` and `bench kernels`: training and generation speed
+against baselines, the corpus encoder and batch sampler, and one op across shapes."""
 
 from __future__ import annotations
 
@@ -149,6 +149,58 @@ def run_bench_data(args: argparse.Namespace) -> None:
     print(format_data_tables(result))
     if args.json:
         write_json(args.json, result)
+
+
+def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="comma-separated, e.g. 1,8")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per row")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each kind per model (after a warm-up)")
+    add_machine_arguments(parser, default_device="cpu")
+    parser.add_argument(
+        "--compare", nargs="+", choices=["hf"], default=[], help="baseline: transformers' LlamaForCausalLM.generate"
+    )
+    parser.add_argument("--compile", action="store_true", help="generate with compile=True (cold compile timed)")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+
+
+def run_bench_generate(args: argparse.Namespace) -> None:
+    """Print every figure of bench_generate per batch size, write them to --json, and fail if the greedy tokens
+    differ from transformers'."""
+    import sys
+
+    from ..bench import bench_generate
+    from ..config import build_model_config
+    from ..files import write_json
+
+    set_threads(args.threads)
+    config = build_model_config(args.config, args.set)
+    result = bench_generate(
+        config,
+        tuple(args.batch_sizes),
+        args.prompt_len,
+        args.new_tokens,
+        compare=tuple(args.compare),
+        compile=args.compile,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    for key, value in result.items():
+        if key != "batches":
+            print(f"{key:>24}  {value}")
+    for row in result["batches"]:
+        print()
+        for key, value in row.items():
+            print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+    if args.json:
+        write_json(args.json, result)
+    if result.get("greedy_tokens_match_hf") is False:
+        print(
+            "minigrok bench generate: error: greedy tokens differ from transformers' with the same weights",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
 
 
 def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,6 +59,7 @@ def attention(
     window: int | None = None,
     backend: str = "auto",
     allow_tf32: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], query head h reading kv head h // (Hq // Hkv).
 
@@ -66,8 +67,13 @@ def attention(
     query that needs no gradient (a decode step) takes the split-KV decode kernel, anything else FlashAttention,
     whose fp32 dots use TF32 tensor cores unless `allow_tf32=False` (exact fp32; the decode kernel is always exact,
     the PyTorch path follows torch.backends).
+
+    A boolean `mask` [B, Tq, Tk] (True = visible) replaces `causal` and `window`: each row says which keys its
+    queries see, as in a static KV cache whose rows hold different lengths. It takes the PyTorch path.
     """
     _check_attention_args(q, k, v, window)
+    if mask is not None:
+        return masked_attention(q, k, v, mask, scale)
     if use_triton(backend, q):
         if q.shape[2] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
             from minigrok.kernels.decode_attention import decode_attention
@@ -88,3 +94,23 @@ def attention(
         return scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = attention_mask(q_len, kv_len, causal, window, q.device)
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Attention under a per-row boolean mask [B, Tq, Tk] (a few queries over a static KV cache: a decode step).
+    Each GQA group's query heads are folded into the query axis, so every K/V head is read once by all the queries
+    that share it and never repeated."""
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    if mask.shape != (batch, q_len, kv_len) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"attention: mask must be bool [B, Tq, Tk] = [{batch}, {q_len}, {kv_len}]; got {mask.dtype} "
+            f"{tuple(mask.shape)}"
+        )
+    folded = q.reshape(batch, n_kv_heads, group * q_len, head_dim)  # query head h = kv head * group + g
+    mask = mask[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
+    out = scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, n_heads, q_len, head_dim)

@@ -22,25 +22,29 @@ def _check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
             f"apply_rope: q{tuple(q.shape)} and k{tuple(k.shape)} must be [B, H, T, D] sharing B, T and D; "
             "transpose [B, T, H, D] inputs with .transpose(1, 2)"
         )
-    seq_len, head_dim = q.shape[2:]
+    batch, _, seq_len, head_dim = q.shape
     if head_dim % 2:
         raise ValueError(f"apply_rope: head dim {head_dim} must be even to split into rotation pairs")
-    if cos.shape != (seq_len, head_dim // 2) or sin.shape != cos.shape:
+    if cos.shape not in ((seq_len, head_dim // 2), (batch, seq_len, head_dim // 2)) or sin.shape != cos.shape:
         raise ValueError(
-            f"apply_rope: expected cos/sin of shape [T, D/2] = [{seq_len}, {head_dim // 2}] for q{tuple(q.shape)}; "
-            f"got cos{tuple(cos.shape)}, sin{tuple(sin.shape)}: slice the tables at the positions of q"
+            f"apply_rope: expected cos/sin of shape [T, D/2] = [{seq_len}, {head_dim // 2}] (or [B, T, D/2] per row) "
+            f"for q{tuple(q.shape)}; got cos{tuple(cos.shape)}, sin{tuple(sin.shape)}: slice the tables at the "
+            "positions of q"
         )
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by the angles in cos/sin [T, D // 2].
+    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by the angles in cos/sin [T, D // 2], or [B, T, D // 2] when each
+    row sits at its own positions (a batched decode step; this form takes the PyTorch path).
 
     Pairs (x[i], x[i + D/2]) rotate together; the arithmetic is fp32 and the result keeps the input dtype.
     """
     _check_rope_args(q, k, cos, sin)
-    if use_triton(backend, q):
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over the heads
+    elif use_triton(backend, q):
         from minigrok.kernels.rope import apply_rope as triton_apply_rope
 
         return triton_apply_rope(q, k, cos, sin)

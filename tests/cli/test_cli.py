@@ -146,3 +146,20 @@ def test_bench_kernels_sweeps_attention_over_seq_lens(tmp_path):
 def test_bench_kernels_refuses_the_other_ops_size_flag(capsys, op, flag, message):
     assert main(["bench", "kernels", op, flag, "64", "--quick", "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_generate_matches_transformers_tokens_and_writes_every_figure(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    path = tmp_path / "generate.json"
+    argv = ["bench", "generate", "--config", "tiny", "--batch-sizes", "1,3", "--prompt-len", "9", "--new-tokens", "5"]
+    assert main([*argv, "--repeats", "1", "--compare", "hf", "--threads", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["greedy_tokens_match_hf"] is True and [row["batch_size"] for row in result["batches"]] == [1, 3]
+    for row in result["batches"]:
+        assert row["greedy_tokens_match_hf"] is True
+        for prefix in ("", "hf_"):
+            for key in ("prefill_s", "ttft_s", "generate_s", "decode_tokens_per_s", "peak_mb"):
+                assert row[prefix + key] > 0, (prefix + key, row)
+            assert isinstance(row[prefix + "stable"], bool)
+        assert row["decode_ratio_vs_hf"] > 0 and row["prefill_ratio_vs_hf"] > 0
+    assert "decode_tokens_per_s" in capsys.readouterr().out

@@ -39,7 +39,7 @@ def test_kv_cache_decoding_matches_full_forward(share, n_kv_heads):
     cache = KVCache(config, batch_size=2, max_len=23, dtype=torch.float32, device=torch.device("cpu"))
     pieces = [model(ids[:, :9], cache=cache).logits]  # a prefill, then one token at a time
     pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(9, 23)]
-    assert cache.length == 23
+    assert cache.lengths.tolist() == [23, 23]
     assert cache.keys.shape[2] == n_kv_heads  # the cache holds only the key/value heads
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
