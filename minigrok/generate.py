@@ -134,7 +134,10 @@ def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int) -> tuple
     padded = torch.zeros(len(prompts), max(len(prompt) for prompt in prompts), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
-    cache = KVCache(model.config, len(prompts), max_len, model.head_weight.dtype, device)
+    # Under autocast k and v come out in the autocast dtype: the cache holds them so, as attention wants q's dtype.
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.head_weight.dtype
+    cache = KVCache(model.config, len(prompts), max_len, dtype, device)
     hidden = model.hidden_states(padded, cache)
     cache.lengths.copy_(lengths)  # each row goes on after its own last prompt token
     last = hidden[torch.arange(len(prompts), device=device), lengths - 1]

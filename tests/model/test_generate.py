@@ -122,3 +122,19 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
         compiled = model.generate_batch(longer.tolist(), 12, temperature=0, compile=True)
     assert compiled == model.generate_batch(longer.tolist(), 12, temperature=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_generation_under_bf16_autocast_keeps_its_cache_in_bf16():
+    """Under autocast k and v come out in bf16: the cache holds them so, and a decode step is the full forward's."""
+    model = make_model(2)
+    prompts = random_prompts([5, 12], 101, seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first, cache = prefill(model, [torch.tensor(p) for p in prompts], max_len=32)
+        tokens = first.argmax(-1)
+        step = model(tokens[:, None], cache=cache).logits[:, 0]
+        assert cache.keys.dtype == torch.bfloat16
+        for row, prompt in enumerate(prompts):
+            full = model(torch.tensor([prompt + [int(tokens[row])]])).logits[0, -1]
+            torch.testing.assert_close(step[row].float(), full.float(), rtol=0.05, atol=0.05)
+        new = model.generate_batch(prompts, max_new_tokens=6, temperature=0)
+    assert [len(row) for row in new] == [6, 6] and all(0 <= t < 101 for row in new for t in row)
