@@ -100,10 +100,11 @@ def qat_defaults(args: argparse.Namespace, ckpt) -> None:
     from ..checkpoint import read_json
     from ..quantize import DEFAULT_GROUP_SIZE
     from ..train.checkpoint import STATE_NAME
+    from ..train.qat import QAT_BITS
 
     state = read_json(ckpt / STATE_NAME) if (ckpt / STATE_NAME).is_file() else {}
     train = state.get("train_config") if isinstance(state, dict) else None
-    qat = {"int8": 8, "int4": 4}.get(train.get("qat")) if isinstance(train, dict) else None
+    qat = QAT_BITS.get(train.get("qat")) if isinstance(train, dict) else None
     if qat is None:
         if args.bits is None:
             raise ValueError(f"{ckpt} was not trained with QAT (train.qat): give --bits 8 or --bits 4")
