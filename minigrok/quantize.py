@@ -101,27 +101,45 @@ def check_group_size(name: str, in_features: int, quantization: Quantization) ->
         )
 
 
+def quantize_values(weight: torch.Tensor, qmax: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales) of a float weight [out, in], unpacked: int8 q in [-qmax, qmax] [out, in] and float16 scales
+    [out, in / group_size] (one group of all inputs for None), each scale rounded up where float16 would round down."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, -1, group_size or in_features)
+    amax = groups.abs().amax(dim=-1)
+    scales = (amax / qmax).to(SCALE_DTYPE)
+    too_small = scales.float() * qmax < amax  # float16 rounded the scale down: round it up instead
+    scales = torch.where(too_small, torch.nextafter(scales, torch.full_like(scales, torch.inf)), scales)
+    scales = torch.where(amax == 0, torch.ones_like(scales), scales)  # an all-zero row or group: any scale
+    q = torch.round(groups / scales.float()[..., None]).clamp(-qmax, qmax)
+    return q.reshape(out_features, in_features).to(torch.int8), scales
+
+
+def scale_values(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight [..., in] in `dtype` of integer values [..., in] and their group scales [..., groups]."""
+    grouped = values.to(dtype).unflatten(-1, (scales.shape[-1], -1))
+    return (grouped * scales.to(dtype)[..., None]).flatten(-2)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """The float32 weight [out, in] that quantize_weight then dequantize give back: quantise, then dequantise."""
+    return scale_values(*quantize_values(weight, Quantization(bits, group_size, ()).qmax, group_size), torch.float32)
+
+
 def quantize_weight(
     weight: torch.Tensor, bits: int, group_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scales) of a float weight [out, in]: int8 [out, in] and float16 [out], or packed uint8 [out, in / 2] and
     float16 [out, in / group_size]; every element within scale / 2 of its dequantised value."""
     quantization = Quantization(bits, group_size, ())
-    out_features, in_features = weight.shape
-    check_group_size("the weight", in_features, quantization)
-    groups = weight.detach().float().reshape(out_features, -1, group_size or in_features)
-    amax = groups.abs().amax(dim=-1)
-    scales = (amax / quantization.qmax).to(SCALE_DTYPE)
-    too_small = scales.float() * quantization.qmax < amax  # float16 rounded the scale down: round it up instead
-    scales = torch.where(too_small, torch.nextafter(scales, torch.full_like(scales, torch.inf)), scales)
+    check_group_size("the weight", weight.shape[1], quantization)
+    q, scales = quantize_values(weight, quantization.qmax, group_size)
     if not torch.isfinite(scales).all():
+        amax = weight.detach().float().abs().max().item()
         raise ValueError(
-            f"a weight of magnitude {amax.max().item():.3g} overflows a float16 scale (or is not finite): "
+            f"a weight of magnitude {amax:.3g} overflows a float16 scale (or is not finite): "
             "check the checkpoint's weights"
         )
-    scales = torch.where(amax == 0, torch.ones_like(scales), scales)  # an all-zero row or group: any scale
-    q = torch.round(groups / scales.float()[..., None]).clamp(-quantization.qmax, quantization.qmax)
-    q = q.reshape(out_features, in_features).to(torch.int8)
     if bits == 8:
         return q, scales[:, 0]
     offset = (q + 8).to(torch.uint8)
@@ -136,11 +154,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [..., in] of int8 q [..., in] or packed int4 q [..., in / 2] and their scales, in `dtype`."""
-    values = q if bits == 8 else unpack_int4(q)
     if bits == 8:
-        return values.to(dtype) * scales.to(dtype)[..., None]
-    grouped = values.to(dtype).unflatten(-1, (scales.shape[-1], -1))
-    return (grouped * scales.to(dtype)[..., None]).flatten(-2)
+        return scale_values(q, scales[..., None], dtype)
+    return scale_values(unpack_int4(q), scales, dtype)
 
 
 class QuantizedLinear(nn.Module):

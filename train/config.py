@@ -11,6 +11,7 @@ from typing import Any
 from minigrok.config import ConfigError, ModelConfig, check_fields, load_yaml, parse_overrides, show
 from minigrok.machine import TORCH_DTYPES
 from minigrok.model import CHECKPOINTING
+from minigrok.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 from .shards import SHARD_TOKENS
 from .tracking import check_log_to
@@ -18,6 +19,7 @@ from .tracking import check_log_to
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", *TORCH_DTYPES)
 PARALLEL = ("auto", "ddp", "fsdp", "none")
+QAT = ("none", "int8", "int4")
 
 
 @dataclass
@@ -95,6 +97,14 @@ class TrainConfig:
     """under torchrun: ddp (replicated weights), fsdp (sharded weights, FSDP2) or none; auto = ddp when several processes"""
     dist_timeout_s: float = 600.0
     """seconds a collective waits for the other processes before failing (a rank that died or hung)"""
+    qat: str = "none"
+    """quantisation-aware training: none, int8 or int4 (the forward sees the weights minigrok quantize would pack)"""
+    qat_group_size: int = DEFAULT_GROUP_SIZE
+    """inputs per scale of train.qat=int4 (32, 64 or 128; it must divide every quantised weight's inputs)"""
+    qat_start_step: int = 0
+    """step from which QAT fake-quantises (e.g. 0.7 x max_steps: float training first, QAT for the rest)"""
+    qat_include_embedding: bool = False
+    """QAT also fake-quantises the embedding (the tied head) and an untied head, as quantize --include-embedding"""
 
     # Processes training together: not a field (nothing to --set); the trainer sets it from torchrun's WORLD_SIZE,
     # so the global batch, token counts and token budgets count every process.
@@ -140,8 +150,26 @@ class TrainConfig:
                 f"choose one of {CHECKPOINTING}"
             )
         check_log_to(self.log_to)
+        self._check_qat()
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"train.device={show(self.device)} is unknown: use auto, cpu, cuda or cuda:N")
+
+    def _check_qat(self) -> None:
+        if self.qat not in QAT:
+            raise ConfigError(f"train.qat={show(self.qat)} is unknown: choose one of {QAT}")
+        if self.qat_group_size not in GROUP_SIZES or isinstance(self.qat_group_size, bool):
+            raise ConfigError(
+                f"train.qat_group_size={show(self.qat_group_size)} is unsupported: choose one of {GROUP_SIZES}"
+            )
+        self._check_int("qat_start_step", minimum=0)
+        if not isinstance(self.qat_include_embedding, bool):
+            raise ConfigError(f"train.qat_include_embedding={show(self.qat_include_embedding)} must be true or false")
+        total = self.total_steps
+        if self.qat != "none" and total is not None and self.qat_start_step >= total:
+            raise ConfigError(
+                f"train.qat_start_step={self.qat_start_step} is not before the last of the {total} steps: QAT would "
+                f"never run; set it below {total}, e.g. {int(0.7 * total)}"
+            )
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)

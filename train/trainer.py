@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import TokenFiles
 from .distributed import ALONE, World, current_world
 from .optim import build_optimizer, check_optimizer_state, lr_at, set_hyperparameters
+from .qat import add_fake_quantization
 from .tokenizer import Tokenizer, check_vocab
 from .tracking import Tracking, open_tracking
 
@@ -162,6 +163,9 @@ class Trainer:
         self.device = resolve_device(config.device, self.world)
         self.model = model.to(self.device)
         self.model.activation_checkpointing = config.activation_checkpointing
+        if config.qat != "none" and self.parallel == "fsdp":
+            raise ValueError(f"train.qat={config.qat} does not go with train.parallel=fsdp: use ddp or none")
+        self.fake_quantizer = add_fake_quantization(self.model, config)  # None without QAT
         self._choose_dtype(recorded=None)
         torch.manual_seed(config.seed)
         self.wrapped = distributed.parallelize(self.model, self.parallel, self.device)  # fsdp: the model itself
@@ -346,6 +350,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss = torch.zeros((), device=self.device)
+        if self.fake_quantizer is not None:
+            self.fake_quantizer.enabled = self.step >= config.qat_start_step
         for micro in range(config.grad_accum):
             batch = self.sampler.batch(self.step, micro, self.rows)
             inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)

@@ -68,16 +68,67 @@ def run_import_hf(args: argparse.Namespace) -> None:
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
-    parser.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: per output channel; 4: grouped")
-    parser.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="4 bits (default: 64)")
     parser.add_argument(
-        "--include-embedding", action="store_true", help="quantise the embedding (the tied head) and an untied head too"
+        "--bits",
+        type=int,
+        choices=[8, 4],
+        default=None,
+        help="8: per output channel; 4: grouped (default: the run's train.qat)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=None,
+        help="4 bits (default: the run's QAT group, else 64)",
+    )
+    parser.add_argument(
+        "--include-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantise the embedding (the tied head) and an untied head too (default: as the run's QAT, else not)",
     )
     parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's, -int8 / -int4-g64)")
 
 
+def qat_defaults(args: argparse.Namespace, ckpt) -> None:
+    """Fill --bits, --group-size and --include-embedding left unset from the QAT the checkpoint was trained with
+    (train.qat* in its trainer_state.json), and warn where the result differs: those weights were trained for other
+    ones."""
+    import sys
+
+    from ..checkpoint import read_json
+    from ..quantize import DEFAULT_GROUP_SIZE
+    from ..train.checkpoint import STATE_NAME
+    from ..train.qat import QAT_BITS
+
+    state = read_json(ckpt / STATE_NAME) if (ckpt / STATE_NAME).is_file() else {}
+    train = state.get("train_config") if isinstance(state, dict) else None
+    qat = QAT_BITS.get(train.get("qat")) if isinstance(train, dict) else None
+    if qat is None:
+        if args.bits is None:
+            raise ValueError(f"{ckpt} was not trained with QAT (train.qat): give --bits 8 or --bits 4")
+        args.include_embedding = bool(args.include_embedding)
+        return
+    trained = {
+        "bits": qat,
+        "group_size": train["qat_group_size"] if qat == 4 else None,
+        "include_embedding": train["qat_include_embedding"],
+    }
+    args.bits = args.bits or qat
+    if args.include_embedding is None:
+        args.include_embedding = trained["include_embedding"]
+    if args.bits == 4 and args.group_size is None:
+        args.group_size = trained["group_size"] or DEFAULT_GROUP_SIZE
+    used = {name: getattr(args, name) for name in trained}
+    print(f"{ckpt} was trained with train.qat=int{qat}: {trained}")
+    if used != trained:
+        print(f"warning: quantising with {used}: not the weights the run trained with", file=sys.stderr)
+
+
 def run_quantize(args: argparse.Namespace) -> None:
-    """Write a packed int8 / int4 checkpoint (with the tokenizer) that generate and eval read, and say its size."""
+    """Write a packed int8 / int4 checkpoint (with the tokenizer) that generate and eval read, and say its size; the
+    settings default to the run's QAT."""
     from pathlib import Path
 
     from ..checkpoint import WEIGHTS_NAME
@@ -87,6 +138,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     from .inference import load_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
+    qat_defaults(args, ckpt)
     model, tokenizer = load_checkpoint(ckpt, verify=not args.no_verify)
     group_size = args.group_size or (DEFAULT_GROUP_SIZE if args.bits == 4 else None)
     name = f"int{args.bits}" + (f"-g{group_size}" if group_size else "") + ("-emb" if args.include_embedding else "")

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from minigrok import MiniGrok
 from minigrok.cli import main
 from minigrok.quantize import QuantizedLinear, load_quantized
+from minigrok.train import qat
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,53 @@ def test_quantize_errors_exit_2_with_the_fix(run, corpus, capsys, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-7] + b"\x00" * 7)
     assert main(["generate", "--checkpoint", str(qdir), "--max-new-tokens", "2", "--dtype", "fp32"]) == 2
     assert "does not match its sha256" in capsys.readouterr().err
+
+
+def test_qat_run_exports_the_weights_it_trained_with(corpus, tmp_path, capsys):
+    out = tmp_path / "qat"
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", "byte", "--out", str(out)]
+    settings = ["train.max_steps=8", "train.ckpt_every=8", "train.dtype=fp32", "train.qat=int4"]
+    settings += ["train.qat_group_size=32", "train.qat_start_step=5", "train.qat_include_embedding=true"]
+    assert main(args + ["--samples", "0"] + [f"--set={setting}" for setting in settings]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", str(out)]) == 0  # bits, group and embedding from the run's QAT
+    assert "was trained with train.qat=int4" in (printed := capsys.readouterr().out)
+    assert f"wrote int4-g32-emb to {out / 'ckpt-8-int4-g32-emb'}" in printed
+    quantized = load_quantized(out / "ckpt-8-int4-g32-emb")
+    trained = MiniGrok.from_pretrained(out / "ckpt-8").state_dict()  # plain names, float32 master weights
+    assert len(quantized.quantization.tensors) == 9
+    for name in quantized.quantization.tensors:
+        layer = quantized.get_submodule(name.removesuffix(".weight"))
+        assert torch.equal(layer.weight, qat.FakeQuantize.apply(trained[name], 4, 32)), name
+        assert not torch.equal(layer.weight, trained[name])
+    # Other settings than the run trained for: done, with a warning.
+    assert main(["quantize", "--checkpoint", str(out), "--bits", "4", "--no-include-embedding"]) == 0
+    assert (
+        "warning: quantising with {'bits': 4, 'group_size': 32, 'include_embedding': False}" in capsys.readouterr().err
+    )
+    # A float run needs --bits.
+    plain = tmp_path / "plain"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--data",
+                str(corpus),
+                "--tokenizer",
+                "byte",
+                "--out",
+                str(plain),
+                "--samples",
+                "0",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "train.dtype=fp32",
+            ]
+        )
+        == 0
+    )
+    assert main(["quantize", "--checkpoint", str(plain)]) == 2
+    assert "was not trained with QAT (train.qat): give --bits 8 or --bits 4" in capsys.readouterr().err

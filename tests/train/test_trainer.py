@@ -69,8 +69,12 @@ def optimizer_tensors(trainer):
     }
 
 
-def test_resume_is_bit_exact(data, tmp_path, monkeypatch):
-    straight = make_trainer(data, tmp_path / "straight")
+QAT = {"qat": "int4", "qat_group_size": 32, "qat_start_step": 2}
+
+
+@pytest.mark.parametrize("overrides", [{}, QAT], ids=["float", "qat"])
+def test_resume_is_bit_exact(data, tmp_path, monkeypatch, overrides):
+    straight = make_trainer(data, tmp_path / "straight", **overrides)
     straight.train()
 
     original_save = Trainer.save_checkpoint
@@ -83,9 +87,9 @@ def test_resume_is_bit_exact(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        make_trainer(data, tmp_path / "killed").train()
+        make_trainer(data, tmp_path / "killed", **overrides).train()
     monkeypatch.undo()
-    resumed = make_trainer(data, tmp_path / "killed", resume=True)
+    resumed = make_trainer(data, tmp_path / "killed", resume=True, **overrides)
     assert resumed.step == 4
     resumed.train()
     assert resumed.step == straight.step == 8
@@ -97,6 +101,16 @@ def test_resume_is_bit_exact(data, tmp_path, monkeypatch):
     # The log holds each step once, as if the run had never stopped.
     steps = [line for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 4
+
+
+def test_qat_switches_on_at_its_start_step(data, tmp_path):
+    runs = {}
+    for name, overrides in [("float", {}), ("qat", QAT | {"qat_start_step": 3})]:
+        make_trainer(data, tmp_path / name, max_steps=4, ckpt_every=2, **overrides).train()
+        runs[name] = {step: MiniGrok.from_pretrained(tmp_path / name / f"ckpt-{step}").state_dict() for step in (2, 4)}
+    weight = "blocks.0.attn.qkv_proj.weight"  # plain names in the QAT run's checkpoints too
+    assert torch.equal(runs["qat"][2][weight], runs["float"][2][weight])  # float training before the start step
+    assert not torch.equal(runs["qat"][4][weight], runs["float"][4][weight])
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(data, tmp_path, monkeypatch):
