@@ -110,7 +110,7 @@ def evaluate(
     if world.size > 1:
         total, count = distributed.gather([total, count], device).sum(dim=0).tolist()
     val_loss = total / count
-    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token}
+    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token, "val_tokens": int(count)}
 
 
 def read_log(path: Path) -> list[tuple[str, dict]]:

@@ -110,7 +110,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    """Print the loss, bits per byte and perplexity of the checkpoint on the corpus, as JSON."""
+    """Print the loss, bits per byte and perplexity of the checkpoint on the corpus, as JSON (`tokens`: the
+    corpus's, `val_tokens`: those scored, at most about --max-tokens)."""
     import json
     import math
 

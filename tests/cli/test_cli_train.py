@@ -56,6 +56,9 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys, tokenizer):
     assert main(evaluate) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 < metrics["val_bpb"] < 8 and metrics["tokens"] > 0 and metrics["dtype"] in ("fp32", "bf16")
+    assert 0 < metrics["val_tokens"] < metrics["tokens"]  # the split's tokens, and those scored (windows that fit)
+    assert main(evaluate + ["--max-tokens", "64", "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_tokens"] == 64  # two windows of 32 predicted tokens
     by_dtype = {}
     for dtype in ("fp32", "bf16"):
         assert main(evaluate + ["--dtype", dtype]) == 0
