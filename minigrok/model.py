@@ -231,10 +231,8 @@ class MiniGrok(nn.Module):
                     "check the tokenizer matches the model's vocab_size"
                 )
 
-    def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> ModelOutput:
-        """Logits for input_ids [B, T]; or, with `targets` [B, T] (-100 = ignore), the mean loss alone.
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, dim] that the head turns into logits (a teacher's, for distillation).
 
         With a `cache`, input_ids continue the cached sequence and the cache advances by T.
         """
@@ -251,7 +249,16 @@ class MiniGrok(nn.Module):
             x = self.blocks[block_index](x, cos, sin, cache, layer, checkpointing)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """Logits for input_ids [B, T]; or, with `targets` [B, T] (-100 = ignore), the mean loss alone.
+
+        With a `cache`, input_ids continue the cached sequence and the cache advances by T.
+        """
+        x = self.hidden_states(input_ids, cache)
         if targets is None:
             return ModelOutput(logits=x @ self.head_weight.T)
         if targets.shape != input_ids.shape:
