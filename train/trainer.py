@@ -375,7 +375,7 @@ class Trainer:
                 distill_parts += torch.stack([output.kl, output.ce]).float() / config.grad_accum
         if self.world.size == 1:
             loss_value, self.stop_requested = total_loss.item(), self.stop_signal
-            self.distill_parts = distill_parts.tolist()
+            self.distill_parts = distill_parts.tolist() if self.teacher is not None else None
         else:  # the mean of the processes' losses is the global batch's; a signal to any of them stops them all
             local = [total_loss.item(), self.stop_signal or 0, *distill_parts.tolist()]
             gathered = distributed.gather(local, self.device)

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -101,3 +104,42 @@ def test_bad_distillation_settings_are_refused(tmp_path, corpus, teachers, capsy
     teacher, _ = teachers
     assert student(corpus, tmp_path / "x", teacher, "--teacher", str(teacher), "--set", "train.distill_kind=up") == 2
     assert "train.distill_kind='up' is unknown" in capsys.readouterr().err
+
+
+def test_a_hugging_face_teacher_distils_as_its_minigrok_checkpoint(tmp_path, corpus, teachers):
+    teacher, _ = teachers
+    hf = tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(teacher), "--out", str(hf)]) == 0
+    runs = {}
+    for name, source in (("minigrok", teacher), ("hf", hf)):
+        runs[name] = tmp_path / name
+        assert student(corpus, runs[name], teacher, "--teacher", str(source)) == 0
+    kl = {name: [r["distill_kl"] for r in log_lines(run) if "distill_kl" in r] for name, run in runs.items()}
+    assert kl["hf"] == pytest.approx(kl["minigrok"], rel=1e-5) and min(kl["hf"]) > 0
+    assert json.loads((runs["hf"] / "run.json").read_text())["teacher"]["path"] == str(hf.resolve())
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m minigrok.cli ...` on CPU, each process on one thread."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "minigrok.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_ddp_distils_what_one_process_distils_and_fsdp_is_refused(tmp_path, corpus, teachers):
+    """Each process holds its own teacher; only the student's gradients are synced, so 2 x batch 2 = 1 x batch 4."""
+    teacher, _ = teachers
+    shape = ["--set", "model.dim=32", "--set", "model.n_layers=1", "--tokenizer", str(teacher / "tokenizer.json")]
+    common = ["train", "--config", "tiny", "--data", str(corpus), *FP32, *shape, "--teacher", str(teacher)]
+    common += ["--set", "train.max_steps=3", "--set", "train.log_every=1", "--set", "train.seq_len=32"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main([*common, "--out", str(single), "--set", "train.batch_size=4"]) == 0
+    result = torchrun(*common, "--out", str(ddp), "--set", "train.batch_size=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("loss", "distill_kl", "ce"):
+        one, two = ([r[key] for r in log_lines(run) if key in r] for run in (single, ddp))
+        assert len(one) == 3 and two == pytest.approx(one, rel=1e-5), key
+    fsdp = torchrun(
+        *common, "--out", str(tmp_path / "fsdp"), "--set", "train.batch_size=2", "--set", "train.parallel=fsdp"
+    )
+    assert fsdp.returncode != 0 and "--teacher does not go with train.parallel=fsdp" in fsdp.stderr
