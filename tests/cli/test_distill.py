@@ -100,10 +100,32 @@ def test_resume_needs_the_same_teacher(tmp_path, corpus, teachers, capsys):
     assert [r["step"] for r in log_lines(run) if "distill_kl" in r] == [2, 4, 6]
 
 
-def test_bad_distillation_settings_are_refused(tmp_path, corpus, teachers, capsys):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("train.distill_kind=up", "train.distill_kind='up' is unknown"),
+        ("train.distill_alpha=1.5", "train.distill_alpha=1.5 must lie in [0, 1]"),
+        ("train.distill_temperature=0", "train.distill_temperature=0 must be a positive number"),
+        ("train.distill_teacher_dtype=fp16", "train.distill_teacher_dtype='fp16' must be fp32 or bf16"),
+    ],
+)
+def test_bad_distillation_settings_are_refused(tmp_path, corpus, teachers, capsys, setting, message):
     teacher, _ = teachers
-    assert student(corpus, tmp_path / "x", teacher, "--teacher", str(teacher), "--set", "train.distill_kind=up") == 2
-    assert "train.distill_kind='up' is unknown" in capsys.readouterr().err
+    assert student(corpus, tmp_path / "x", teacher, "--teacher", str(teacher), "--set", setting) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bf16_teacher_gives_nearly_the_fp32_teachers_kl(tmp_path, corpus, teachers):
+    teacher, _ = teachers
+    kl = {}
+    for dtype in ("fp32", "bf16"):
+        run = tmp_path / dtype
+        assert (
+            student(corpus, run, teacher, "--teacher", str(teacher), "--set", f"train.distill_teacher_dtype={dtype}")
+            == 0
+        )
+        kl[dtype] = [r["distill_kl"] for r in log_lines(run) if "distill_kl" in r]
+    assert kl["bf16"] != kl["fp32"] and kl["bf16"] == pytest.approx(kl["fp32"], rel=0.05)
 
 
 def test_a_hugging_face_teacher_distils_as_its_minigrok_checkpoint(tmp_path, corpus, teachers):
