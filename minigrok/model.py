@@ -296,7 +296,8 @@ class MiniGrok(nn.Module):
         return ModelOutput(loss=loss)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, dim] of input_ids, unchecked (forward and generate check the ids)."""
+        """The final-normed hidden states [B, T, dim] that the head turns into logits (a teacher's, for distillation),
+        unchecked: forward and generate check the ids."""
         if cache is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)

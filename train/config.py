@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minigrok.config import ConfigError, ModelConfig, check_fields, load_yaml, parse_overrides, show
+from minigrok.functional.distillation import KINDS as DISTILL_KINDS
 from minigrok.machine import TORCH_DTYPES
 from minigrok.model import CHECKPOINTING
 from minigrok.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
@@ -105,6 +106,14 @@ class TrainConfig:
     """step from which QAT fake-quantises (e.g. 0.7 x max_steps: float training first, QAT for the rest)"""
     qat_include_embedding: bool = False
     """QAT also fake-quantises the embedding (the tied head) and an untied head, as quantize --include-embedding"""
+    distill_alpha: float = 0.5
+    """with --teacher: weight of the distillation KL (times T^2) against the cross-entropy's 1 - alpha"""
+    distill_temperature: float = 1.0
+    """with --teacher: softmax temperature T of both models' distributions in the KL"""
+    distill_kind: str = "forward"
+    """with --teacher: forward (KL(teacher || student)) or reverse (KL(student || teacher))"""
+    distill_teacher_dtype: str = "fp32"
+    """with --teacher: the teacher's weights in fp32 or bf16 (half the memory)"""
 
     # Processes training together: not a field (nothing to --set); the trainer sets it from torchrun's WORLD_SIZE,
     # so the global batch, token counts and token budgets count every process.
@@ -151,6 +160,7 @@ class TrainConfig:
             )
         check_log_to(self.log_to)
         self._check_qat()
+        self._check_distillation()
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"train.device={show(self.device)} is unknown: use auto, cpu, cuda or cuda:N")
 
@@ -170,6 +180,17 @@ class TrainConfig:
                 f"train.qat_start_step={self.qat_start_step} is not before the last of the {total} steps: QAT would "
                 f"never run; set it below {total}, e.g. {int(0.7 * total)}"
             )
+
+    def _check_distillation(self) -> None:
+        alpha, temperature = self.distill_alpha, self.distill_temperature
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+            raise ConfigError(f"train.distill_alpha={show(alpha)} must lie in [0, 1]")
+        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ConfigError(f"train.distill_temperature={show(temperature)} must be a positive number, e.g. 2")
+        if self.distill_kind not in DISTILL_KINDS:
+            raise ConfigError(f"train.distill_kind={show(self.distill_kind)} is unknown: choose one of {DISTILL_KINDS}")
+        if self.distill_teacher_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"train.distill_teacher_dtype={show(self.distill_teacher_dtype)} must be fp32 or bf16")
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)

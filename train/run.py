@@ -24,6 +24,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .corpus import DataError, canonical_data, mixture_fingerprint, parse_data, split_mixture
 from .data import TokenFiles, prepare_data
+from .distill import Teacher
 from .distributed import current_world, main_first
 from .tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, padded_vocab_size
 from .trainer import LOG_NAME, Trainer
@@ -51,7 +52,34 @@ def _record_data(run_dir: Path, data: list[str] | None, val_data: list[str] | No
     """run.json: the corpus (None: the built-in one), the validation corpus and each split's fingerprint."""
     splits = _splits(data, val_data, config)
     fingerprints = {name: mixture_fingerprint(parts) for name, parts in splits.items()}
-    write_json(run_dir / RUN_NAME, {"data": data, "val_data": val_data, "corpus_fingerprints": fingerprints})
+    teacher = (_read_record(run_dir) or {}).get("teacher")  # a resumed distillation keeps its teacher
+    record = {"data": data, "val_data": val_data, "corpus_fingerprints": fingerprints}
+    write_json(run_dir / RUN_NAME, record | ({"teacher": teacher} if teacher else {}))
+
+
+def _record_teacher(run_dir: Path, teacher: Teacher) -> None:
+    """run.json's `teacher`: the path and weights' sha256 of the model a new run distils from."""
+    record = _read_record(run_dir) or {}
+    write_json(run_dir / RUN_NAME, record | {"teacher": {"path": teacher.path, "sha256": teacher.sha256}})
+
+
+def _check_teacher(run_dir: Path, teacher: Teacher | None) -> None:
+    """--resume continues with the teacher run.json records (the same weights), or without one if it records none."""
+    recorded = (_read_record(run_dir) or {}).get("teacher")
+    if recorded is None and teacher is not None:
+        raise CheckpointError(
+            f"--resume: {run_dir} was trained without a teacher: drop --teacher, or distil in a new run (--out)"
+        )
+    if recorded is not None and teacher is None:
+        raise CheckpointError(
+            f"--resume: {run_dir} is distilled from {recorded['path']}: pass --teacher {recorded['path']}"
+        )
+    if recorded is not None and recorded["sha256"] != teacher.sha256:
+        raise CheckpointError(
+            f"--resume: {run_dir} is distilled from {recorded['path']} (weights sha256 {recorded['sha256'][:12]}), "
+            f"but --teacher {teacher.path} holds weights {teacher.sha256[:12]}: pass the run's teacher, or distil "
+            "into a new run (--out)"
+        )
 
 
 def _read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -132,6 +160,7 @@ def start_run(
     val_data: list[str] | None,
     tokenizer_spec: str,
     progress: bool = True,
+    teacher: Teacher | None = None,
 ) -> Trainer:
     """A new run in `run_dir`: tokenizer (trained on the corpus, or loaded), token files, the model initialised
     from train.seed (vocab_size follows the tokenizer unless model_values sets it), and the record of its data.
@@ -162,11 +191,13 @@ def start_run(
         prepared = _prepare(run_dir, tokenizer, data, val_data, config)  # others: rank 0 wrote them, nothing to do
         if main:
             _record_data(run_dir, data, val_data, config)
+            if teacher is not None:
+                _record_teacher(run_dir, teacher)
         return tokenizer, model_config, prepared
 
     tokenizer, model_config, prepared = main_first(prepare)
     torch.manual_seed(config.seed)  # the seed fixes the initial weights as well as the batches
-    return Trainer(MiniGrok(model_config), config, prepared, tokenizer, run_dir, progress=progress)
+    return Trainer(MiniGrok(model_config), config, prepared, tokenizer, run_dir, progress=progress, teacher=teacher)
 
 
 def resume_run(
@@ -176,16 +207,17 @@ def resume_run(
     val_data: list[str] | None = None,
     new_data: bool = False,
     progress: bool = True,
+    teacher: Teacher | None = None,
 ) -> Trainer:
     """The run in `run_dir`, continued from its newest checkpoint: its model, tokenizer and corpus, its train config
     with `train_overrides` applied (each change logged when training starts). Under torchrun rank 0 checks the
     corpus and brings the token files and run.json up to date first."""
+    _check_teacher(run_dir, teacher)
     state, config, changes, tokenizer, prepared = main_first(
         lambda: _open_resumed(run_dir, train_overrides, data, val_data, new_data)
     )
-    trainer = Trainer(
-        MiniGrok(ModelConfig.from_dict(state["model_config"])), config, prepared, tokenizer, run_dir, progress
-    )
+    model = MiniGrok(ModelConfig.from_dict(state["model_config"]))
+    trainer = Trainer(model, config, prepared, tokenizer, run_dir, progress, teacher=teacher)
     trainer.load_state_dict(state)
     trainer.changes = changes + trainer.changes  # load_state_dict notes a change of world size
     return trainer

@@ -31,6 +31,7 @@ from minigrok.model import MiniGrok
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .data import TokenFiles
+from .distill import DistilledStudent, Teacher, check_teacher_vocab
 from .distributed import ALONE, World, current_world
 from .optim import build_optimizer, check_optimizer_state, lr_at, set_hyperparameters
 from .qat import add_fake_quantization
@@ -147,6 +148,7 @@ class Trainer:
         tokenizer: Tokenizer,
         run_dir: str | Path,
         progress: bool = True,
+        teacher: Teacher | None = None,
     ):
         check_vocab(tokenizer, model.config.vocab_size)
         if config.seq_len > model.config.max_seq_len:
@@ -168,7 +170,9 @@ class Trainer:
         self.fake_quantizer = add_fake_quantization(self.model, config)  # None without QAT
         self._choose_dtype(recorded=None)
         torch.manual_seed(config.seed)
-        self.wrapped = distributed.parallelize(self.model, self.parallel, self.device)  # fsdp: the model itself
+        self.teacher = teacher
+        trained = self.model if teacher is None else self._with_teacher(teacher)
+        self.wrapped = distributed.parallelize(trained, self.parallel, self.device)  # fsdp: the model itself
         self.optimizer = build_optimizer(self.model, config)
         self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
         # Every process draws the global batch and reads its own rows of it.
@@ -183,6 +187,17 @@ class Trainer:
         self.changes: list[str] = []  # what a resume changed (config fields, data): logged when training starts
         self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
         self.tracking = Tracking()  # the train.log_to writers, open while train() runs
+
+    def _with_teacher(self, teacher: Teacher) -> DistilledStudent:
+        """The student and its teacher (on this device, in train.distill_teacher_dtype) as the one module trained."""
+        if self.parallel == "fsdp":
+            raise ValueError(
+                "--teacher does not go with train.parallel=fsdp (the teacher is replicated, not sharded): "
+                "use train.parallel=ddp, or train without --teacher"
+            )
+        check_teacher_vocab(teacher, self.model.config.vocab_size)
+        dtype = torch.bfloat16 if self.config.distill_teacher_dtype == "bf16" else torch.float32
+        return DistilledStudent(self.model, teacher.model.to(self.device, dtype), self.config)
 
     def _choose_dtype(self, recorded: str | None) -> None:
         """Resolve train.dtype ("auto" measures this machine in under a second; a resumed run keeps `recorded`).
@@ -352,19 +367,26 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         if self.fake_quantizer is not None:
             self.fake_quantizer.enabled = self.step >= config.qat_start_step
+        distill_parts = torch.zeros(2, device=self.device)  # with a teacher: the batch's KL and CE
         for micro in range(config.grad_accum):
             batch = self.sampler.batch(self.step, micro, self.rows)
             inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
             with self._gradient_sync(micro == config.grad_accum - 1):
                 with autocast(self.dtype, self.device):
-                    loss = self.forward(inputs, targets=targets).loss / config.grad_accum
+                    output = self.forward(inputs, targets=targets)
+                    loss = output.loss / config.grad_accum
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach().float()
+            if self.teacher is not None:
+                distill_parts += torch.stack([output.kl, output.ce]).float() / config.grad_accum
         if self.world.size == 1:
             loss_value, self.stop_requested = total_loss.item(), self.stop_signal
+            self.distill_parts = distill_parts.tolist() if self.teacher is not None else None
         else:  # the mean of the processes' losses is the global batch's; a signal to any of them stops them all
-            gathered = distributed.gather([total_loss.item(), self.stop_signal or 0], self.device)
+            local = [total_loss.item(), self.stop_signal or 0, *distill_parts.tolist()]
+            gathered = distributed.gather(local, self.device)
             loss_value, self.stop_requested = gathered[:, 0].mean().item(), int(gathered[:, 1].max()) or None
+            self.distill_parts = gathered[:, 2:].mean(dim=0).tolist()
             if self.stop_requested is not None:  # not when a process died: the gather failed first
                 self._announce_stop(self.stop_requested)
         if not math.isfinite(loss_value):
@@ -500,6 +522,8 @@ class Trainer:
                         "tokens_per_s": tokens_per_s,
                         "mfu": tokens_per_s * self.flops_per_token / peak,
                     }
+                    if self.teacher is not None:  # the loss's two parts, each a mean over the batch's tokens
+                        record["distill_kl"], record["ce"] = self.distill_parts
                     if len(self.sampler.names) > 1:  # a mixture: the tokens each source gave since the last line
                         steps = range(self.step - config.log_every, self.step)
                         record["source_tokens"] = self.sampler.source_tokens(steps, config.grad_accum)

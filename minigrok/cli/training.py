@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .arguments import NO_VERIFY_HELP, add_config_arguments
-from .inference import inference_dtype, stream_text
+from .inference import inference_dtype, load_checkpoint, stream_text
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--new-data",
         action="store_true",
         help="with --resume: continue on the corpus --data names (or on the run's changed files) on purpose, logged",
+    )
+    parser.add_argument(
+        "--teacher",
+        help="distil from this model (train.distill_*): a minigrok checkpoint or run directory, or a Hugging Face "
+        "Llama directory, of the student's vocabulary (e.g. --tokenizer TEACHER_RUN/tokenizer.json)",
     )
     parser.add_argument("--samples", type=int, default=3, help="samples printed after training")
     parser.add_argument("--sample-tokens", type=int, default=120, help="tokens per sample")
@@ -57,17 +62,38 @@ def run_train(args: argparse.Namespace) -> None:
     if resume:  # the process group follows the run's own device and timeout
         saved = checkpoint.load_trainer_state(checkpoint.latest_checkpoint(run_dir))["train_config"]
         train_config = TrainConfig.from_dict(saved | overrides["train"])
+    teacher = load_teacher(args.teacher) if args.teacher else None
     with process_group(train_config.device, train_config.dist_timeout_s) as world:
         if resume and not args.resume:
             print(f"restart {restart} by torchrun: resuming from {checkpoint.latest_checkpoint(run_dir)}")
         with RunLock(run_dir) if world.is_main else contextlib.nullcontext():
             if resume:
-                trainer = resume_run(run_dir, overrides["train"], data, args.val_data, args.new_data)
+                trainer = resume_run(run_dir, overrides["train"], data, args.val_data, args.new_data, teacher=teacher)
             else:
                 if "vocab_size" not in overrides["model"]:  # the preset's is a placeholder: follow the tokenizer
                     model_values.pop("vocab_size", None)
-                trainer = start_run(run_dir, model_values, train_config, data, args.val_data, args.tokenizer)
+                trainer = start_run(
+                    run_dir, model_values, train_config, data, args.val_data, args.tokenizer, teacher=teacher
+                )
             train_and_sample(trainer, args)
+
+
+def load_teacher(path: str):
+    """The --teacher model, in eval mode: a Hugging Face Llama directory (import_hf), else a minigrok checkpoint or run
+    directory (its newest checkpoint, checked against its manifest), with the sha256 of its weight files."""
+    from ..checkpoint import read_json
+    from ..train.checkpoint import resolve_checkpoint
+    from ..train.distill import Teacher, weights_sha256
+
+    directory = Path(path)
+    if (directory / "config.json").is_file() and "model_type" in read_json(directory / "config.json"):
+        from ..hf import _weight_files, import_hf
+
+        model, weight_files = import_hf(directory).eval(), _weight_files(directory)
+    else:
+        model, _ = load_checkpoint(path)
+        weight_files = sorted(resolve_checkpoint(path).glob("*.safetensors"))
+    return Teacher(model, str(directory.resolve()), weights_sha256(weight_files))
 
 
 def train_and_sample(trainer, args: argparse.Namespace) -> None:

@@ -7,17 +7,20 @@ CUDA tensors to the Triton kernel in `minigrok.kernels` when triton imports (see
 from ._dispatch import BACKENDS, triton_available, use_triton
 from .attention import attention, attention_mask
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .distillation import DistillationLoss, linear_distillation_loss
 from .rms_norm import rms_norm
 from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
 
 __all__ = [
     "BACKENDS",
+    "DistillationLoss",
     "apply_rope",
     "attention",
     "attention_mask",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "rms_norm",
     "rope_cos_sin",
     "swiglu",

@@ -118,6 +118,44 @@ def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, rows:
         grad_weight += (grad_logits.T @ rows).float()
 
 
+# (rows of this chunk, its logits, grad_scale) -> (summed losses, grad_scale * d loss / d logits or None)
+ChunkStep = Callable[[slice, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def chunk_loop(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    n_valid: torch.Tensor,
+    chunk_rows: int,
+    chunk_step: ChunkStep,
+    want_grad_hidden: bool,
+    want_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The summed losses of chunk_step over chunks of rows of hidden @ weight^T, divided by n_valid, and if wanted the
+    gradients of hidden and weight (chunk_step's logit gradients come scaled by 1 / n_valid)."""
+    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+    grad_scale = 1.0 / n_valid if want_grad_hidden or want_grad_weight else None  # stays on the device: no sync
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # Under autocast the matmuls run in its dtype: cast each chunk's gradient once, not once per matmul.
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    for start in range(0, hidden.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        rows = hidden[chunk]
+        loss_sums, grad_logits = chunk_step(chunk, rows @ weight.T, grad_scale)
+        total = total + loss_sums
+        if grad_scale is None:
+            continue
+        grad_logits = grad_logits.to(matmul_dtype)
+        if grad_hidden is not None:
+            grad_hidden[chunk] = grad_logits @ weight
+        if grad_weight is not None:
+            _add_weight_grad(grad_weight, grad_logits, rows)
+    return total / n_valid, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
 def chunked_loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -131,57 +169,33 @@ def chunked_loss_and_grads(
     want_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mean loss and, if wanted, the gradients of hidden and weight, one chunk of rows at a time through chunk_fn."""
-    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+
+    def step(chunk: slice, logits: torch.Tensor, grad_scale: torch.Tensor | None):
+        return chunk_fn(logits, targets[chunk], ignore_index, label_smoothing, z_loss, grad_scale)
+
     n_valid = (targets != ignore_index).sum().clamp(min=1)
-    grad_scale = 1.0 / n_valid if want_grad_hidden or want_grad_weight else None  # stays on the device: no sync
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    # Under autocast the matmuls run in its dtype: cast each chunk's gradient once, not once per matmul.
-    device_type = hidden.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = hidden[start : start + chunk_rows]
-        loss_sum, grad_logits = chunk_fn(
-            rows @ weight.T, targets[start : start + chunk_rows], ignore_index, label_smoothing, z_loss, grad_scale
-        )
-        total += loss_sum
-        if grad_scale is None:
-            continue
-        grad_logits = grad_logits.to(matmul_dtype)
-        if grad_hidden is not None:
-            grad_hidden[start : start + chunk_rows] = grad_logits @ weight
-        if grad_weight is not None:
-            _add_weight_grad(grad_weight, grad_logits, rows)
-    return total / n_valid, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+    return chunk_loop(hidden, weight, n_valid, chunk_rows, step, want_grad_hidden, want_grad_weight)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Forms the loss and both gradients chunk by chunk in forward; backward only scales them."""
+class GradsInForward(torch.autograd.Function):
+    """A loss of (hidden, weight) whose gradients `loop(hidden, weight, *args, want_grad_hidden, want_grad_weight)`
+    forms with it in forward; backward only scales them. Losses of several values (e.g. a loss and its parts)
+    differentiate through the first only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, chunk_fn):
-        loss, grad_hidden, grad_weight = chunked_loss_and_grads(
-            hidden,
-            weight,
-            targets,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            chunk_rows,
-            chunk_fn,
-            *ctx.needs_input_grad[:2],
-        )
+    def forward(ctx, hidden, weight, loop, *args):
+        losses, grad_hidden, grad_weight = loop(hidden, weight, *args, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_losses):
         grad_hidden, grad_weight = ctx.saved_tensors
+        grad_loss = grad_losses.flatten()[0]
         return (
             None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
-            *([None] * 6),
+            *([None] * (len(ctx.needs_input_grad) - 2)),
         )
 
 
@@ -251,5 +265,5 @@ def linear_cross_entropy(
     chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1])
     args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, chunk_fn)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropyFunction.apply(*args)
+        return GradsInForward.apply(hidden, weight, chunked_loss_and_grads, *args[2:])
     return chunked_loss_and_grads(*args, False, False)[0]  # evaluation: the loss alone
