@@ -34,22 +34,20 @@ class FakeQuantize(torch.autograd.Function):
         return grad, None, None
 
 
-@torch.compiler.disable
-def fake_quantized(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """FakeQuantize, run eagerly under torch.compile: inductor keeps a fused float16 cast in float32 (and steps
-    float16 wrongly with nextafter), which would change the scales from those minigrok quantize writes."""
-    return FakeQuantize.apply(weight, bits, group_size)
-
-
 class FakeQuantizer(nn.Module):
     """The parametrization: the weight fake-quantised while `enabled`, else unchanged."""
 
     def __init__(self, bits: int, group_size: int | None):
         super().__init__()
         self.bits, self.group_size, self.enabled = bits, group_size, False
+        # Run eagerly under torch.compile: inductor keeps a fused float16 cast in float32 (and steps float16 wrongly
+        # with nextafter), which would change the scales from those minigrok quantize writes. Wrapped here rather
+        # than at import, since torch.compiler.disable imports dynamo, and with it triton, before the CLI has
+        # chosen whether triton interprets.
+        self.fake_quantize = torch.compiler.disable(FakeQuantize.apply)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantized(weight, self.bits, self.group_size) if self.enabled else weight
+        return self.fake_quantize(weight, self.bits, self.group_size) if self.enabled else weight
 
 
 def qat_names(model: MiniGrok, config: TrainConfig) -> list[str]:
