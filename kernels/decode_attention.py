@@ -30,18 +30,21 @@ KEY_TILE_BYTES = 16384  # one [BLOCK_N, BLOCK_D] tile of K (and one of V) per pi
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Part, PartLSE,
+    Q, K, V, Part, PartLSE, KeyLengths,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_pb, stride_ph, stride_ps, stride_pd,
     n_kv_heads, group_size, T_K, HEAD_DIM, chunk_len, qk_scale,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b, kv_h = bkv // n_kv_heads, bkv % n_kv_heads
+    kv_len = T_K
+    if HAS_KEY_LENGTHS:  # row b sees its first KeyLengths[b] keys (a static cache whose rows hold different lengths)
+        kv_len = tl.minimum(tl.load(KeyLengths + b).to(tl.int32), T_K)
     first_head = kv_h * group_size  # rows: the query heads h = first_head + row that read K/V head kv_h
     rows = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_N)
@@ -51,25 +54,28 @@ def _decode_split_kernel(
     q = load_tile(q_base, rows, stride_qh, group_size, dims, stride_qd, HEAD_DIM)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    # Online softmax in base 2 over this split's keys; every split holds at least one key, so l_i ends > 0.
+    # Online softmax in base 2 over this split's keys. A split past its row's length sees none (l_i stays 0): it
+    # stores a zero partial of log-sum-exp -inf, which the merge weighs 0.
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     lo = split * chunk_len  # chunk_len is a multiple of BLOCK_N, so only the cache's end needs a mask
-    for start_n in range(lo, tl.minimum(lo + chunk_len, T_K), BLOCK_N):
+    for start_n in range(lo, tl.minimum(lo + chunk_len, kv_len), BLOCK_N):
         keys = start_n + cols
-        k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, T_K)
+        k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, kv_len)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(keys[None, :] < T_K, qk, float("-inf"))
-        v = load_tile(v_base, keys, stride_vt, T_K, dims, stride_vd, HEAD_DIM)
+        qk = tl.where(keys[None, :] < kv_len, qk, float("-inf"))
+        v = load_tile(v_base, keys, stride_vt, kv_len, dims, stride_vd, HEAD_DIM)
         m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
 
     heads = first_head + rows
     part = Part + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dims[None, :] * stride_pd
     mask = (rows[:, None] < group_size) & (dims[None, :] < HEAD_DIM)
-    tl.store(part, (acc / l_i[:, None]).to(Part.dtype.element_ty), mask=mask)
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    tl.store(part, (acc / l_safe[:, None]).to(Part.dtype.element_ty), mask=mask)
     lse_rows = (b * n_kv_heads * group_size + heads) * tl.num_programs(0) + split
-    tl.store(PartLSE + lse_rows, m_i + tl.log2(l_i), mask=rows < group_size)
+    tl.store(PartLSE + lse_rows, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")), mask=rows < group_size)
 
 
 @triton.jit
@@ -114,13 +120,21 @@ def _target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * sms
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v for one query q [B, Hq, 1, D] over every key of k, v [B, Hkv, Tk, D]; no autograd.
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    key_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query q [B, Hq, 1, D] over the keys of k, v [B, Hkv, Tk, D]; no autograd.
 
+    Every key, or with `key_lengths` [B] (each >= 1) row b's first key_lengths[b] keys only: a static KV cache.
     Any strides (a slice of a preallocated cache is read in place); query head h reads K/V head h // (Hq // Hkv).
     """
     assert q.dim() == k.dim() == 4 and k.shape == v.shape and q.shape[2] == 1, "decode_attention: shapes"
     assert q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] and q.shape[1] % k.shape[1] == 0
+    assert key_lengths is None or key_lengths.shape == (q.shape[0],), "decode_attention: key_lengths [B]"
     check_dtype("decode_attention", q, k, v)
     batch, n_heads, _, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -138,10 +152,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     # fp32 dots run on FMA units, the product in registers: 4 warps spill on sm_90 at head dim 128, 8 do not.
     num_warps = 8 if q.dtype == torch.float32 else 4
     _decode_split_kernel[(splits, batch * n_kv_heads)](
-        q, k, v, part, part_lse,
+        q, k, v, part, part_lse, part_lse if key_lengths is None else key_lengths,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *part.stride(),
         n_kv_heads, group_size, kv_len, head_dim, chunk, qk_scale,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact
+        HAS_KEY_LENGTHS=key_lengths is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip

@@ -41,7 +41,7 @@ class KVCache:
     length held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
 
     Row b holds its tokens at positions 0 .. lengths[b] - 1; a step writes each row at its own next position and
-    attends over the whole buffer under a mask of that row's positions. Rows are slots: `reset(rows)` empties some
+    attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows are slots: `reset(rows)` empties some
     for new sequences while the others go on. The RoPE tables for max_len positions are built once, here.
     """
 
@@ -55,24 +55,24 @@ class KVCache:
         )
         self.empty = True  # no row holds a token: a multi-token input is a prefill from position 0 (known host-side)
         self.rows = torch.arange(batch_size, device=device)[:, None]
-        self.positions = self.mask = None  # of the forward pass under way
+        self.positions = self.key_lengths = None  # of the forward pass under way
 
     def start(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Begin a forward of `length` tokens per row: fix their positions and mask; return their cos/sin tables."""
+        """Begin a forward of `length` tokens per row: fix their positions; return their cos/sin tables."""
         self.positions = self.lengths[:, None] + torch.arange(length, device=self.lengths.device)  # [B, T]
         # A prefill of empty rows attends causally over its own keys alone (the fast causal path); anything else
         # attends over the whole buffer, each query seeing its row's keys up to its own position.
-        key_positions = torch.arange(self.keys.shape[3], device=self.lengths.device)
-        self.mask = None if self.empty and length > 1 else key_positions <= self.positions[:, :, None]
+        self.key_lengths = None if self.empty and length > 1 else self.lengths + length
         return self.cos[self.positions], self.sin[self.positions]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and mask to attend over."""
+        """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and key lengths to attend over
+        (None: the causal prefill of an empty cache attends over k and v alone)."""
         self.keys[layer, self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
         self.values[layer, self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
-        if self.mask is None:
+        if self.key_lengths is None:
             return k, v, None
-        return self.keys[layer], self.values[layer], self.mask
+        return self.keys[layer], self.values[layer], self.key_lengths
 
     def advance(self, length: int) -> None:
         self.lengths += length
@@ -124,9 +124,9 @@ class Attention(nn.Module):
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-        """Causal attention of q over k, v: [B, H, T, D]; or, with a KV cache's `mask` [B, Tq, Tk], under it."""
-        return functional.attention(q, k, v, causal=True, backend=self.backend, mask=mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None):
+        """Causal attention of q over k, v: [B, H, T, D]; with a KV cache's `key_lengths` [B], over each row's keys."""
+        return functional.attention(q, k, v, causal=True, backend=self.backend, key_lengths=key_lengths)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """The heads of y [B, H, T, D] merged and projected back to [B, T, dim]."""
@@ -176,10 +176,10 @@ class Block(nn.Module):
             q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
             return checkpoint(self.after_attention, self.attn.attend(q, k, v), x, use_reentrant=False)
         q, k, v = self.attention_inputs(x, cos, sin)
-        mask = None
+        key_lengths = None
         if cache is not None:
-            k, v, mask = cache.update(layer, k, v)
-        return self.after_attention(self.attn.attend(q, k, v, mask), x)
+            k, v, key_lengths = cache.update(layer, k, v)
+        return self.after_attention(self.attn.attend(q, k, v, key_lengths), x)
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.attn.project(self.attn_norm(x), cos, sin)

@@ -59,7 +59,7 @@ def attention(
     window: int | None = None,
     backend: str = "auto",
     allow_tf32: bool = True,
-    mask: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], query head h reading kv head h // (Hq // Hkv).
 
@@ -68,16 +68,26 @@ def attention(
     whose fp32 dots use TF32 tensor cores unless `allow_tf32=False` (exact fp32; the decode kernel is always exact,
     the PyTorch path follows torch.backends).
 
-    A boolean `mask` [B, Tq, Tk] (True = visible) replaces `causal` and `window`: each row says which keys its
-    queries see, as in a static KV cache whose rows hold different lengths. It takes the PyTorch path.
+    `key_lengths` [B] replaces `causal` and `window` for a static KV cache whose rows hold different lengths: row
+    b's Tq queries are its tokens key_lengths[b] - Tq .. key_lengths[b] - 1, each seeing the row's keys up to its
+    own position; keys past a row's length are never seen. A single query takes the decode kernel on Triton.
     """
     _check_attention_args(q, k, v, window)
-    if mask is not None:
-        return masked_attention(q, k, v, mask, scale)
-    if use_triton(backend, q):
-        if q.shape[2] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-            from minigrok.kernels.decode_attention import decode_attention
-
+    triton = use_triton(backend, q)
+    decode_step = q.shape[2] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    if triton and decode_step:
+        from minigrok.kernels.decode_attention import decode_attention
+    if key_lengths is not None:
+        if key_lengths.shape != (q.shape[0],) or key_lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"attention: key_lengths must be integer [B] = [{q.shape[0]}]; got {key_lengths.dtype} "
+                f"{tuple(key_lengths.shape)}"
+            )
+        if triton and decode_step:
+            return decode_attention(q, k, v, scale=scale, key_lengths=key_lengths)
+        return masked_attention(q, k, v, key_lengths, scale)
+    if triton:
+        if decode_step:
             # One query after the last key (a decode step) sees every key, or with a window only the last `window`.
             if window is not None:
                 k, v = k[:, :, -window:], v[:, :, -window:]
@@ -97,19 +107,16 @@ def attention(
 
 
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Attention under a per-row boolean mask [B, Tq, Tk] (a few queries over a static KV cache: a decode step).
-    Each GQA group's query heads are folded into the query axis, so every K/V head is read once by all the queries
-    that share it and never repeated."""
+    """Attention of a few queries per row over a static KV cache whose rows hold key_lengths [B] keys (see
+    `attention`). Each GQA group's query heads are folded into the query axis, so every K/V head is read once by
+    all the queries that share it and never repeated."""
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
-    if mask.shape != (batch, q_len, kv_len) or mask.dtype != torch.bool:
-        raise ValueError(
-            f"attention: mask must be bool [B, Tq, Tk] = [{batch}, {q_len}, {kv_len}]; got {mask.dtype} "
-            f"{tuple(mask.shape)}"
-        )
+    query_positions = key_lengths[:, None] - q_len + torch.arange(q_len, device=q.device)  # [B, Tq]
+    mask = torch.arange(kv_len, device=q.device) <= query_positions[:, :, None]  # [B, Tq, Tk]
     folded = q.reshape(batch, n_kv_heads, group * q_len, head_dim)  # query head h = kv head * group + g
     mask = mask[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
     out = scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)

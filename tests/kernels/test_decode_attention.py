@@ -11,6 +11,7 @@ from checks import assert_matches_reference, check_outputs_finite
 import minigrok.kernels.decode_attention as decode
 from minigrok import MiniGrok, ModelConfig
 from minigrok.functional import attention
+from minigrok.generate import cache_length
 
 # (batch, q heads, kv heads, cache length, head dim, dtype)
 CASES = [
@@ -96,6 +97,25 @@ def test_reads_the_model_cache_in_place():
     assert torch.equal(decode.decode_attention(q_view, k_view, v_view), decode.decode_attention(q, k, v))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_lengths_read_each_row_its_own_keys(dtype):
+    """Rows of a static cache hold 1, 70 and 300 of its 300 keys: with several splits per row, a row's later splits
+    see no key at all, and the keys past each length (poisoned with NaN) are never read."""
+    q, k, v = make_inputs((3, 8, 2, 300, 64, dtype))
+    lengths = torch.tensor([1, 70, 300])
+    assert decode.num_splits(3 * 2, 300, 64, decode._target_programs(q.device))[0] > 1
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for row, length in enumerate(lengths.tolist()):
+        poisoned_k[row, :, length:] = poisoned_v[row, :, length:] = float("nan")
+    out = decode.decode_attention(q, poisoned_k, poisoned_v, key_lengths=lengths)
+    for row, length in enumerate(lengths.tolist()):
+        keys, values = k[row : row + 1, :, :length], v[row : row + 1, :, :length]
+        expected = reference(q[row : row + 1].double(), keys.double(), values.double())
+        assert_matches_reference([out[row : row + 1]], [reference(q[row : row + 1], keys, values)], [expected], dtype)
+    # The same through functional.attention, whose PyTorch path masks instead.
+    torch.testing.assert_close(attention(q, k, v, backend="torch", key_lengths=lengths), out, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize(
     "kv_rows, kv_len, target, expected",
     [
@@ -126,9 +146,9 @@ def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Record the k shape of every decode_attention launch."""
     calls, kernel = [], decode.decode_attention
 
-    def counted(q, k, v, scale=None):
-        calls.append(tuple(k.shape))
-        return kernel(q, k, v, scale=scale)
+    def counted(q, k, v, scale=None, key_lengths=None):
+        calls.append(tuple(k.shape) if key_lengths is None else (*k.shape, key_lengths.tolist()))
+        return kernel(q, k, v, scale=scale, key_lengths=key_lengths)
 
     monkeypatch.setattr(decode, "decode_attention", counted)
     return calls
@@ -172,5 +192,8 @@ def test_greedy_generation_matches_torch_backend(decode_calls):
     new_tokens = 8
     expected = reference_model.generate(prompt, new_tokens, temperature=0)
     assert torch.equal(triton_model.generate(prompt, new_tokens, temperature=0), expected)
-    # Every step after the prefill, in each of the two layers, reads the whole cache through the decode kernel.
-    assert decode_calls == [(2, 1, length, 80) for length in range(61, 60 + new_tokens) for _ in range(2)]
+    # Every step after the prefill, in each of the two layers, reads the static cache through the decode kernel,
+    # each row its own filled length.
+    buffer = cache_length(60 + new_tokens, config.max_seq_len)
+    expected_calls = [(2, 1, buffer, 80, [length] * 2) for length in range(61, 60 + new_tokens) for _ in range(2)]
+    assert decode_calls == expected_calls

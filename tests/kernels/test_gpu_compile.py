@@ -35,7 +35,7 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import minigrok.kernels  # noqa: E402
-from minigrok import MiniGrok, ModelConfig  # noqa: E402
+from minigrok import MiniGrok, ModelConfig, functional  # noqa: E402
 from minigrok.model import KVCache  # noqa: E402
 
 
@@ -121,13 +121,19 @@ def recording(modules: dict[str, ModuleType]):
 
 
 def drive_model(dtype: torch.dtype, head_dim: int, seq_len: int) -> None:
-    """A training step, then a prefill and a one-token decode against a KV cache, of a 4:2 GQA model on the kernels."""
+    """A training step and a distillation loss (the model its own teacher), then a prefill and a one-token decode
+    against a KV cache, of a 4:2 GQA model on the kernels."""
     overrides = {"dim": 4 * head_dim, "n_heads": 4, "n_kv_heads": 2, "head_dim": head_dim, "n_layers": 1}
     overrides |= {"n_unique_layers": None, "max_seq_len": seq_len + 2}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides | {"backend": "triton"})
     model = MiniGrok(config).to(dtype)
     ids = torch.randint(0, config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
     model(ids, targets=ids.roll(-1, dims=1)).loss.backward()
+    hidden = model.hidden_states(ids).flatten(0, 1)
+    distillation = functional.linear_distillation_loss(
+        hidden, model.head_weight, hidden.detach(), model.head_weight.detach(), ids.flatten(), backend="triton"
+    )
+    distillation.loss.backward()
     cache = KVCache(config, 1, seq_len + 1, dtype, ids.device)
     with torch.no_grad():  # not model.generate: the recorded kernels leave their outputs unwritten
         model(ids[:1], cache=cache)
