@@ -67,3 +67,12 @@ def store_tile(base, tile, rows, stride_row, n_rows, cols, stride_col, n_cols):
     """Store a [rows, cols] tile in the destination's dtype, skipping out-of-range entries."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def zero_row(row_ptr, n_cols, BLOCK: tl.constexpr):
+    """Store fp32 zeros over a row of n_cols values, BLOCK at a time (the gradient of an ignored target's row)."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        tl.store(row_ptr + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_settings
+from ._common import row_settings, zero_row
 
 _MAX_BLOCK = 4096  # the kernel loops over the vocabulary in blocks of this many logits
 
@@ -39,9 +39,7 @@ def _row_loss_grad_kernel(
     if target == ignore_index:
         tl.store(losses_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                tl.store(row_ptr + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)
+            zero_row(row_ptr, n_cols, BLOCK)
     else:
         # Pass 1: online max / sum of exponentials for the logsumexp, plus the plain sum for label smoothing.
         running_max = float("-inf")

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_settings
+from ._common import row_settings, zero_row
 
 _MAX_BLOCK = 4096  # the kernel loops over the vocabulary in blocks of this many logits of each model
 
@@ -45,9 +45,7 @@ def _row_distillation_kernel(
         tl.store(kl_ptr + row, 0.0)
         tl.store(ce_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                tl.store(student_row + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)
+            zero_row(student_row, n_cols, BLOCK)
     else:
         # Pass 1: online logsumexp of the raw student logits z (for CE), of s = z / T and of t = teacher / T, and of
         # sum exp(a - max a) (a - b), where a is the distribution the KL weighs by (t forward, s reverse), b the other.

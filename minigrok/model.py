@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import functional
 from .config import ModelConfig
-from .generate import stream
+from .generate import generate_batch, stream
 from .machine import reading_back_is_free
 
 
@@ -41,8 +41,9 @@ class KVCache:
     length held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
 
     Row b holds its tokens at positions 0 .. lengths[b] - 1; a step writes each row at its own next position and
-    attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows are slots: `reset(rows)` empties some
-    for new sequences while the others go on. The RoPE tables for max_len positions are built once, here.
+    attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows
+    are slots: `reset(rows)` empties some for new sequences while the others go on. The RoPE tables for max_len
+    positions are built once, here.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
@@ -374,8 +375,6 @@ class MiniGrok(nn.Module):
         ids for all, or a list of such lists). A row ends after its first stop token (kept) or its max_new_tokens.
         `seed` an int seeds row i with seed + i; a row's draws depend only on its seed, not on the other rows.
         """
-        from .generate import generate_batch
-
         return generate_batch(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
 
     # -- persistence and reporting ------------------------------------------------------------------------------

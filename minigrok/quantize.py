@@ -91,11 +91,16 @@ def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]
     return names
 
 
+def largest_group_size(in_features: int) -> int | None:
+    """The largest of GROUP_SIZES that divides in_features (None: no int4 grouping fits, only int8 does)."""
+    return next((size for size in reversed(GROUP_SIZES) if in_features % size == 0), None)
+
+
 def check_group_size(name: str, in_features: int, quantization: Quantization) -> None:
     """Raise ValueError unless the int4 group size divides the weight's input features."""
     if quantization.bits == 4 and in_features % quantization.group_size:
-        fits = [g for g in GROUP_SIZES if in_features % g == 0]
-        fix = f"choose --group-size {fits[-1]}" if fits else "quantise it to 8 bits"
+        fits = largest_group_size(in_features)
+        fix = f"choose --group-size {fits}" if fits else "quantise it to 8 bits"
         raise ValueError(
             f"group_size={quantization.group_size} does not divide the {in_features} input features of {name}: {fix}"
         )

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from minigrok.model import MiniGrok, parameter_shapes
-from minigrok.quantize import GROUP_SIZES, fake_quantize, quantizable_names
+from minigrok.quantize import fake_quantize, largest_group_size, quantizable_names
 
 from .config import TrainConfig
 
@@ -57,8 +57,8 @@ def qat_names(model: MiniGrok, config: TrainConfig) -> list[str]:
     for name in names:
         in_features = shapes[name][1]
         if config.qat == "int4" and in_features % config.qat_group_size:
-            fits = [g for g in GROUP_SIZES if in_features % g == 0]
-            fix = f"set train.qat_group_size={fits[-1]}" if fits else "use train.qat=int8"
+            fits = largest_group_size(in_features)
+            fix = f"set train.qat_group_size={fits}" if fits else "use train.qat=int8"
             raise ValueError(
                 f"train.qat_group_size={config.qat_group_size} does not divide the {in_features} input features of "
                 f"{name}: {fix}"

@@ -27,6 +27,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def print_figures(figures: dict) -> None:
+    """One line per figure: its name right-aligned, then its value (floats to 4 significant digits)."""
+    for key, value in figures.items():
+        print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+
+
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_dtype_argument(parser)
@@ -86,8 +92,7 @@ def run_bench_train(args: argparse.Namespace) -> None:
             compile=args.compile,
             activation_checkpointing=args.activation_checkpointing,
         )
-    for key, value in result.items():
-        print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+    print_figures(result)
     unstable = [
         key.removesuffix("step_stable").rstrip("_") or "ours"
         for key, value in result.items()
@@ -186,13 +191,10 @@ def run_bench_generate(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         device=args.device,
     )
-    for key, value in result.items():
-        if key != "batches":
-            print(f"{key:>24}  {value}")
+    print_figures({key: value for key, value in result.items() if key != "batches"})
     for row in result["batches"]:
         print()
-        for key, value in row.items():
-            print(f"{key:>24}  {value:,.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
+        print_figures(row)
     if args.json:
         write_json(args.json, result)
     if result.get("greedy_tokens_match_hf") is False:
