@@ -7,6 +7,7 @@ so an exported model has n_layers unique blocks and imports back with share="non
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,23 @@ from .checkpoint import WEIGHT_DTYPES, CheckpointError, read_header, read_json, 
 from .config import ConfigError, ModelConfig, show
 from .files import write_json
 from .model import MiniGrok, parameter_shapes
+
+
+def keep_checkout_off_path() -> None:
+    """Take this checkout's root off sys.path: transformers imports the Hub's `kernels` package, and Python run from
+    the root (`python -m ...` puts it on the path) would find the repository's own kernels/ folder (installed as
+    minigrok.kernels) in its place."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+
+
+def import_transformers():
+    """transformers, imported so that it finds its own `kernels` package (see keep_checkout_off_path)."""
+    keep_checkout_off_path()
+    import transformers
+
+    return transformers
+
 
 # One table drives both directions. Per block: our tensor and the Llama tensors it is made of, concatenated along
 # dim 0 in this order (export splits, import concatenates).

@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+from minigrok.hf import keep_checkout_off_path
+
+keep_checkout_off_path()  # `python -m pytest` puts the root on sys.path; transformers needs the Hub's `kernels` there
+
 if not torch.cuda.is_available():
     # Triton reads this when @triton.jit decorates, so it must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -47,9 +47,9 @@ def hf_calls(llama, ids: torch.Tensor, new_tokens: int) -> dict[str, Callable[[]
 
 def load_hf_copy(model):
     """transformers' LlamaForCausalLM holding our model's weights, through the minigrok.hf export."""
-    import transformers
+    from ..hf import export_hf, import_transformers
 
-    from ..hf import export_hf
+    transformers = import_transformers()
 
     with tempfile.TemporaryDirectory() as directory:
         export_hf(model, directory)

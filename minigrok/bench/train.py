@@ -138,9 +138,9 @@ def bench_train(
             maybe_compile(ours), naive_loss, torch.optim.AdamW(ours.parameters(), fused=True), dtype, device
         )
     if "hf" in compare:
-        import transformers
+        from ..hf import hf_config_dict, import_transformers
 
-        from ..hf import hf_config_dict
+        transformers = import_transformers()
 
         hf_config = transformers.LlamaConfig(**hf_config_dict(config) | {"use_cache": False})
         llama = transformers.LlamaForCausalLM(hf_config).to(device)
