@@ -156,15 +156,16 @@ def speculative_rows(
         context, lengths = context.to(device), lengths.to(device)
         target_cache.lengths.copy_(lengths - 1)
         draft_cache.lengths.copy_(lengths - 2)
-        drafted, q = context.new_zeros(len(rows), 0), logits.new_zeros(len(rows), 0, vocab).float()
+        tokens, q = [], []  # the drafted tokens [B] and the draft's distributions [B, V] they were drawn from
         if k > 0:
             draft_logits = draft.logits(draft.hidden_states(context, draft_cache)[:, -1])
             for index in range(k):
-                q_next = sampling_probs(draft_logits, temperature, top_k, top_p)
-                token = q_next.argmax(dim=-1) if greedy else draw(q_next, generator)
-                drafted, q = torch.cat([drafted, token[:, None]], 1), torch.cat([q, q_next[:, None]], 1)
+                q.append(sampling_probs(draft_logits, temperature, top_k, top_p))
+                tokens.append(q[-1].argmax(dim=-1) if greedy else draw(q[-1], generator))
                 if index < k - 1:
-                    draft_logits = step(draft, token, draft_cache)
+                    draft_logits = step(draft, tokens[-1], draft_cache)
+        drafted = torch.stack(tokens, dim=1) if tokens else context[:, :0]
+        q = torch.stack(q, dim=1) if q else torch.zeros(len(rows), 0, vocab, device=device)
         logits = target.logits(target.hidden_states(torch.cat([context[:, 1:], drafted], dim=1), target_cache))
         if check_each_round:
             check_finite(logits, min(len(new[row]) for row in active))
