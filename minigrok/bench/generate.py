@@ -75,13 +75,15 @@ def bench_generate(
     model=None,
     draft=None,
     num_draft_tokens: int = 4,
+    text_tokens: torch.Tensor | None = None,
 ) -> dict:
     """Greedy generation of random prompts in fp32, per batch size: decode tokens/s (the time of `new_tokens`
     beyond the first), prefill latency, time to first token and peak memory; with "hf" in `compare` the same of
     transformers' LlamaForCausalLM with our weights, timed interleaved in this process, and whether both produced
     the same tokens. Peak memory is that of the prefill and first token. With `compile`, the cold compile of each batch size's decode step is timed as `compile_s`.
 
-    `model` (e.g. a trained checkpoint) replaces the random weights of `config`. With a `draft` model the same
+    `model` (e.g. a trained checkpoint) replaces the random weights of `config`, and `text_tokens` (a 1-D token
+    stream of text) gives the prompts as random windows of it instead of random ids. With a `draft` model the same
     generation is also decoded speculatively, timed interleaved with the target alone: its tokens/s over the whole
     generation, acceptance_rate (accepted / drafted tokens), speedup_vs_target (the target alone's generate_s over
     the speculative one's) and whether its tokens are the target's.
@@ -95,6 +97,8 @@ def bench_generate(
             f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds max_seq_len={config.max_seq_len}: "
             "lower them or --set max_seq_len=..."
         )
+    if text_tokens is not None and len(text_tokens) <= prompt_len:
+        raise ValueError(f"--prompt-len {prompt_len} is longer than the {len(text_tokens)} tokens of text to cut from")
     if new_tokens < 2:
         raise ValueError(f"--new-tokens {new_tokens} must be >= 2: decode speed is timed beyond the first token")
     device = torch.device(device)
@@ -111,11 +115,16 @@ def bench_generate(
         "new_tokens": new_tokens,
         "compile": compile,
         "repeats": repeats,
+        "prompts": "random token ids" if text_tokens is None else "windows of text",
         "batches": [],
     }
     generator = torch.Generator().manual_seed(0)
     for batch in batch_sizes:
-        ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+        if text_tokens is None:
+            ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+        else:
+            starts = torch.randint(0, len(text_tokens) - prompt_len, (batch,), generator=generator).tolist()
+            ids = torch.stack([text_tokens[start : start + prompt_len] for start in starts]).to(device)
         calls = {"ours": our_calls(model, ids, new_tokens, compile, draft, num_draft_tokens)}
         if llama is not None:
             calls["hf"] = hf_calls(llama, ids, new_tokens)

@@ -172,6 +172,11 @@ def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", default=None, help="trained (or quantised) checkpoint or run directory instead of --config"
     )
     parser.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        help="with --checkpoint: text the prompts are cut from (default: the built-in corpus' validation files)",
+    )
     add_draft_arguments(parser)
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
 
@@ -186,14 +191,20 @@ def run_bench_generate(args: argparse.Namespace) -> None:
     from ..files import write_json
 
     set_threads(args.threads)
-    model = draft = None
+    model = draft = text = None
     if args.checkpoint:
+        import torch
+
+        from ..train.data import encode_corpus
+
         if args.set:
             raise ValueError("--set changes a --config preset; a --checkpoint keeps its own config: drop --set")
         model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
         draft = load_draft(args.draft, tokenizer, verify=not args.no_verify) if args.draft else None
-    elif args.draft:
-        raise ValueError("--draft needs the --checkpoint of the target it drafts for (the same tokenizer)")
+        text = torch.from_numpy(encode_corpus(tokenizer, args.data)[0].astype("int64"))  # prompts cut from text
+    elif args.draft or args.data:
+        flag = "--draft" if args.draft else "--data"
+        raise ValueError(f"{flag} needs --checkpoint: the target a draft drafts for, whose tokenizer encodes the text")
     config = model.config if model is not None else build_model_config(args.config, args.set)
     result = bench_generate(
         config,
@@ -207,6 +218,7 @@ def run_bench_generate(args: argparse.Namespace) -> None:
         model=model,
         draft=draft,
         num_draft_tokens=args.num_draft_tokens,
+        text_tokens=text,
     )
     print_figures({key: value for key, value in result.items() if key != "batches"})
     for row in result["batches"]:

@@ -31,14 +31,16 @@ def test_generate_with_a_draft_prints_the_targets_greedy_text(runs, capsys):
     assert "drafted tokens accepted (acceptance_rate" in err
 
 
-def test_bench_generate_reports_the_speculative_figures(runs, tmp_path, capsys):
+def test_bench_generate_reports_the_speculative_figures(runs, corpus, tmp_path, capsys):
     target, draft = runs
     path = tmp_path / "generate.json"
     argv = ["bench", "generate", "--checkpoint", str(target), "--draft", str(draft), "--num-draft-tokens", "3"]
+    argv += ["--data", str(corpus / "part1.py")]  # the prompts: windows of this text
     argv += ["--batch-sizes", "1,2", "--prompt-len", "5", "--new-tokens", "12", "--repeats", "1", "--threads", "1"]
     assert main([*argv, "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["speculative_tokens_match_target"] is True and result["num_draft_tokens"] == 3
+    assert result["prompts"] == "windows of text"
     for row in result["batches"]:
         assert row["speculative_tokens_match_target"] is True
         assert 0 <= row["acceptance_rate"] <= 1
@@ -47,11 +49,14 @@ def test_bench_generate_reports_the_speculative_figures(runs, tmp_path, capsys):
     assert "acceptance_rate" in capsys.readouterr().out
 
 
-def test_bench_generate_takes_a_quantised_target_and_fails_on_differing_tokens(runs, tmp_path, capsys, monkeypatch):
+def test_bench_generate_takes_a_quantised_target_and_fails_on_differing_tokens(
+    runs, corpus, tmp_path, capsys, monkeypatch
+):
     target, draft = runs
     quantised = tmp_path / "int8"
     assert main(["quantize", "--checkpoint", str(target), "--bits", "8", "--out", str(quantised)]) == 0
     argv = ["bench", "generate", "--checkpoint", str(quantised), "--draft", str(draft), "--batch-sizes", "1"]
+    argv += ["--data", str(corpus / "part2.py")]
     argv += ["--prompt-len", "4", "--new-tokens", "6", "--repeats", "1", "--json", str(tmp_path / "q.json")]
     assert main(argv) == 0
     assert json.loads((tmp_path / "q.json").read_text())["speculative_tokens_match_target"] is True
@@ -73,7 +78,12 @@ def test_bench_generate_takes_a_quantised_target_and_fails_on_differing_tokens(r
 def test_speculative_flags_are_checked(runs, capsys):
     target, draft = runs
     assert main(["bench", "generate", "--config", "tiny", "--draft", str(draft)]) == 2
-    assert "--draft needs the --checkpoint of the target" in capsys.readouterr().err
+    assert "--draft needs --checkpoint" in capsys.readouterr().err
+    assert main(["bench", "generate", "--config", "tiny", "--data", str(draft)]) == 2
+    assert "--data needs --checkpoint" in capsys.readouterr().err
+    argv = ["bench", "generate", "--checkpoint", str(target), "--set", "dim=32", "--data", str(draft)]
+    assert main(argv) == 2
+    assert "a --checkpoint keeps its own config: drop --set" in capsys.readouterr().err
     argv = ["generate", "--checkpoint", str(target), "--draft", str(draft), "--max-new-tokens", "3", "--dtype", "fp32"]
     assert main([*argv, "--num-draft-tokens", "0"]) == 2
     assert "num_draft_tokens=0 must be an integer >= 1" in capsys.readouterr().err
