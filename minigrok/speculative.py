@@ -147,8 +147,9 @@ def speculative_rows(
         yielded = ready
         if not active:
             return
-        remaining = {row: rows[row].max_new_tokens - len(new[row]) for row in active}
-        k = min(num_draft_tokens, max(remaining.values()) - 1)  # drafting past every budget would be wasted
+        # Every round drafts num_draft_tokens, even past a row's budget: a row's draws, and so its tokens, then
+        # depend on its own generator alone, not on which rows share the batch.
+        k = num_draft_tokens
         # Each active row goes on from its last two tokens (the draft may lack the one before last); a done row
         # computes throwaway tokens at positions 0 and 1.
         context = torch.tensor([sequences[row][-2:] if not done[row] else [0, 0] for row in range(len(rows))])
@@ -157,15 +158,13 @@ def speculative_rows(
         target_cache.lengths.copy_(lengths - 1)
         draft_cache.lengths.copy_(lengths - 2)
         tokens, q = [], []  # the drafted tokens [B] and the draft's distributions [B, V] they were drawn from
-        if k > 0:
-            draft_logits = draft.logits(draft.hidden_states(context, draft_cache)[:, -1])
-            for index in range(k):
-                q.append(sampling_probs(draft_logits, temperature, top_k, top_p))
-                tokens.append(q[-1].argmax(dim=-1) if greedy else draw(q[-1], generator))
-                if index < k - 1:
-                    draft_logits = step(draft, tokens[-1], draft_cache)
-        drafted = torch.stack(tokens, dim=1) if tokens else context[:, :0]
-        q = torch.stack(q, dim=1) if q else torch.zeros(len(rows), 0, vocab, device=device)
+        draft_logits = draft.logits(draft.hidden_states(context, draft_cache)[:, -1])
+        for index in range(k):
+            q.append(sampling_probs(draft_logits, temperature, top_k, top_p))
+            tokens.append(q[-1].argmax(dim=-1) if greedy else draw(q[-1], generator))
+            if index < k - 1:
+                draft_logits = step(draft, tokens[-1], draft_cache)
+        drafted, q = torch.stack(tokens, dim=1), torch.stack(q, dim=1)
         logits = target.logits(target.hidden_states(torch.cat([context[:, 1:], drafted], dim=1), target_cache))
         if check_each_round:
             check_finite(logits, min(len(new[row]) for row in active))
@@ -176,7 +175,7 @@ def speculative_rows(
         accepted, token, drafted_list = accepted.tolist(), token.tolist(), drafted.tolist()
         stats.rounds += 1
         for row in active:
-            useful = min(k, remaining[row] - 1)
+            useful = min(k, rows[row].max_new_tokens - len(new[row]) - 1)  # drafts that could be emitted
             stats.drafted += useful
             stats.accepted += min(accepted[row], useful)
             emit(row, drafted_list[row][: accepted[row]] + [token[row]])

@@ -4,6 +4,8 @@ import dataclasses
 
 import pytest
 import torch
+from test_generate import make_model as make_tied_model
+from test_generate import random_prompts
 
 from minigrok import MiniGrok, ModelConfig, SpeculativeStats
 from minigrok.speculative import accept_draft
@@ -11,9 +13,7 @@ from minigrok.speculative import accept_draft
 
 def make_model(seed: int, **overrides) -> MiniGrok:
     # Untied heads: with a tied head a random model mostly repeats its input, and every draft would agree.
-    values = dict(vocab_size=101, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=96)
-    torch.manual_seed(seed)
-    return MiniGrok(ModelConfig(**(values | dict(tie_embeddings=False) | overrides))).eval()
+    return make_tied_model(seed, **(dict(tie_embeddings=False) | overrides))
 
 
 def shallower(target: MiniGrok, **overrides) -> MiniGrok:
@@ -23,11 +23,6 @@ def shallower(target: MiniGrok, **overrides) -> MiniGrok:
     missing, unexpected = draft.load_state_dict(target.state_dict(), strict=False)
     assert not missing and all(name.startswith("blocks.") for name in unexpected)
     return draft
-
-
-def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
 def alone(model: MiniGrok, prompt: list[int], budget: int, stops: list[int] = ()) -> list[int]:
@@ -80,6 +75,18 @@ def test_rows_of_a_batch_each_accept_their_own_drafts(pair):
     ids = torch.tensor(random_prompts([6, 6], 101, seed=10))
     plain = target.generate(ids, 15, temperature=0, stop_tokens=[expected[2][3]])
     assert torch.equal(target.generate(ids, 15, temperature=0, stop_tokens=[expected[2][3]], draft_model=draft), plain)
+
+
+def test_sampled_rows_of_a_batch_draw_from_their_own_seeds_alone():
+    target, draft = PAIRS["shallower"]()
+    prompts = random_prompts([4, 11, 1], 101, seed=11)
+    settings = dict(temperature=[0.9, 1.2, 0.7], top_p=[None, 0.8, None], seed=[3, 4, 5], stop_tokens=[[], [], [9]])
+    speculative = dict(draft_model=draft, num_draft_tokens=3)
+    together = target.generate_batch(prompts, [14, 5, 20], **settings, **speculative)
+    for row, prompt in enumerate(prompts):
+        single = {name: [values[row]] for name, values in settings.items()}
+        assert target.generate_batch([prompt], [[14, 5, 20][row]], **single, **speculative) == [together[row]]
+    assert [len(tokens) for tokens in together[:2]] == [14, 5]
 
 
 def test_a_draft_identical_to_the_target_accepts_every_token():
