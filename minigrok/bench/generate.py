@@ -13,10 +13,10 @@ from .timing import Timing, clock_resolution, sample_seconds
 
 
 def our_calls(
-    model, ids: torch.Tensor, new_tokens: int, compile: bool, draft=None, num_draft_tokens: int = 4
+    model, ids: torch.Tensor, new_tokens: int, compile: bool, draft=None, num_draft_tokens: int = 4, stats=None
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """Our prefill (the prompt's forward into a fresh cache), first token and whole greedy generation; with a
-    `draft`, also the whole greedy generation decoded speculatively."""
+    `draft`, also the whole greedy generation decoded speculatively, its drafts counted into `stats`."""
     from ..generate import cache_length, prefill
 
     max_len = cache_length(ids.shape[1] + new_tokens, model.config.max_seq_len)
@@ -31,7 +31,7 @@ def our_calls(
         "full": lambda: model.generate(ids, new_tokens, temperature=0, compile=compile),
     }
     if draft is not None:
-        speculative = dict(draft_model=draft, num_draft_tokens=num_draft_tokens)
+        speculative = dict(draft_model=draft, num_draft_tokens=num_draft_tokens, stats=stats)
         calls["speculative"] = lambda: model.generate(ids, new_tokens, temperature=0, compile=compile, **speculative)
     return calls
 
@@ -125,7 +125,8 @@ def bench_generate(
         else:
             starts = torch.randint(0, len(text_tokens) - prompt_len, (batch,), generator=generator).tolist()
             ids = torch.stack([text_tokens[start : start + prompt_len] for start in starts]).to(device)
-        calls = {"ours": our_calls(model, ids, new_tokens, compile, draft, num_draft_tokens)}
+        stats = SpeculativeStats()  # every call of a batch size drafts alike: the rate is that of one call
+        calls = {"ours": our_calls(model, ids, new_tokens, compile, draft, num_draft_tokens, stats)}
         if llama is not None:
             calls["hf"] = hf_calls(llama, ids, new_tokens)
         row = {"batch_size": batch}
@@ -135,16 +136,7 @@ def bench_generate(
             row["compile_s"] = cold - warm
         outputs = {name: named["full"]() for name, named in calls.items()}  # also the warm-up
         if draft is not None:
-            stats = SpeculativeStats()
-            speculative = model.generate(
-                ids,
-                new_tokens,
-                temperature=0,
-                compile=compile,
-                draft_model=draft,
-                num_draft_tokens=num_draft_tokens,
-                stats=stats,
-            )
+            speculative = calls["ours"]["speculative"]()
         seconds = {(name, kind): [] for name, named in calls.items() for kind in named}
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
             for name, named in calls.items():

@@ -75,6 +75,8 @@ def test_rows_of_a_batch_each_accept_their_own_drafts(pair):
     ids = torch.tensor(random_prompts([6, 6], 101, seed=10))
     plain = target.generate(ids, 15, temperature=0, stop_tokens=[expected[2][3]])
     assert torch.equal(target.generate(ids, 15, temperature=0, stop_tokens=[expected[2][3]], draft_model=draft), plain)
+    streamed = target.generate_stream(ids, 15, temperature=0, stop_tokens=[expected[2][3]], draft_model=draft)
+    assert torch.equal(torch.stack(list(streamed), dim=1), plain[:, 6:])
 
 
 def test_sampled_rows_of_a_batch_draw_from_their_own_seeds_alone():
