@@ -75,8 +75,24 @@ def test_bench_generate_takes_a_quantised_target_and_fails_on_differing_tokens(
     assert "speculative greedy tokens differ from the target's alone" in capsys.readouterr().err
 
 
-def test_speculative_flags_are_checked(runs, capsys):
+def test_speculative_flags_are_checked(runs, corpus, tmp_path, capsys):
     target, draft = runs
+    other = tmp_path / "bpe"  # a draft with a tokenizer of its own
+    argv = [
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        str(corpus),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.dtype=fp32",
+    ]
+    assert main([*argv, "--out", str(other), "--samples", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(target), "--draft", str(other), "--max-new-tokens", "3"]) == 2
+    assert "has another tokenizer than the target" in capsys.readouterr().err
     assert main(["bench", "generate", "--config", "tiny", "--draft", str(draft)]) == 2
     assert "--draft needs --checkpoint" in capsys.readouterr().err
     assert main(["bench", "generate", "--config", "tiny", "--data", str(draft)]) == 2
