@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .generate import (
     RowSampling,
+    _is_int,
     cache_length,
     check_finite,
     check_lengths,
@@ -50,7 +51,8 @@ class SpeculativeStats:
 
 
 def check_draft(target: MiniGrok, draft: MiniGrok, num_draft_tokens: int) -> None:
-    if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 1:
+    """Refuse a draft that cannot stand in for the target: another vocabulary or device, or k < 1."""
+    if not _is_int(num_draft_tokens) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1 (typically 2 to 8)")
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(
