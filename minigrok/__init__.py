@@ -5,7 +5,8 @@
 
 from .config import ConfigError, ModelConfig
 from .model import KVCache, MiniGrok, ModelOutput
+from .speculative import SpeculativeStats
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "KVCache", "MiniGrok", "ModelConfig", "ModelOutput", "__version__"]
+__all__ = ["ConfigError", "KVCache", "MiniGrok", "ModelConfig", "ModelOutput", "SpeculativeStats", "__version__"]

@@ -20,6 +20,7 @@ from .machine import reading_back_is_free
 
 if TYPE_CHECKING:
     from .model import KVCache, MiniGrok
+    from .speculative import SpeculativeStats
 
 
 def _is_int(value) -> bool:
@@ -63,22 +64,18 @@ def exponential_noise(
     return torch.stack([torch.empty(vocab, device=device).exponential_(generator=row) for row in generator])
 
 
-def sample_next(
+def sampling_probs(
     logits: torch.Tensor,
     temperature: float | torch.Tensor,
     top_k: int | torch.Tensor | None,
     top_p: float | torch.Tensor | None,
-    generator: torch.Generator | list[torch.Generator | None] | None,
 ) -> torch.Tensor:
-    """Pick one token per row from logits [B, V]: argmax at temperature 0, else top-k / nucleus sampling.
+    """The distribution [B, V] that sample_next draws from, of logits [B, V]: the softmax of the tempered, top-k and
+    nucleus-filtered logits; one-hot at the argmax in a greedy row (temperature 0).
 
     temperature, top_k and top_p are one value for all rows or a [B] tensor of one per row (a row's top_k >= V or
-    top_p = 1 keeps every token; its temperature 0 makes it greedy). The draw is the argmax of p / Exp(1) noise (a
-    sample from p), the noise coming from one generator for the batch or one per row (`generator` a list), so that
-    a row's tokens depend on its own seed alone.
+    top_p = 1 keeps every token).
     """
-    if not isinstance(temperature, torch.Tensor) and temperature == 0:
-        return logits.argmax(dim=-1)
     batch, vocab = logits.shape
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(batch)
     greedy = temperature == 0
@@ -96,8 +93,30 @@ def sample_next(
             # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
             drop_sorted = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1)
             logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    sampled = (logits.softmax(dim=-1) / exponential_noise(batch, vocab, generator, logits.device)).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, logits.softmax(dim=-1))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator | None] | None) -> torch.Tensor:
+    """One token per row of probs [B, V] (any scale): the argmax of probs / Exp(1) noise is a draw from them."""
+    return (probs / exponential_noise(*probs.shape, generator, probs.device)).argmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor | None,
+    top_p: float | torch.Tensor | None,
+    generator: torch.Generator | list[torch.Generator | None] | None,
+) -> torch.Tensor:
+    """Pick one token per row from logits [B, V]: argmax at temperature 0, else top-k / nucleus sampling.
+
+    The parameters are those of sampling_probs. The noise of the draw comes from one generator for the batch or one
+    per row (`generator` a list), so that a row's tokens depend on its own seed alone.
+    """
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
+        return logits.argmax(dim=-1)
+    return draw(sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:
@@ -144,40 +163,60 @@ def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int) -> tuple
     return model.logits(last), cache
 
 
-def stream_rows(
-    model: MiniGrok,
-    prompts: list[torch.Tensor],
-    rows: list[RowSampling],
-    generator: torch.Generator | list[torch.Generator | None] | None = None,
-    compile: bool = False,
-) -> Iterator[torch.Tensor]:
-    """Yield [B] next tokens, one step at a time, until every row has emitted a stop token or its max_new_tokens.
-
-    A row that is done repeats its stop token (or 0, past its max_new_tokens). Host syncs per step: the check
-    that every row is done, and on CPU (where reading back is free) that the logits are finite.
-    """
+def check_lengths(model: MiniGrok, prompts: list[torch.Tensor], rows: list[RowSampling], whose: str = "") -> None:
+    """Refuse an empty prompt, or one whose max_new_tokens would run past the model's max_seq_len."""
     for prompt, row in zip(prompts, rows, strict=True):
         if len(prompt) == 0:
             raise ValueError("a prompt is empty: generation needs at least one prompt token (e.g. a BOS id)")
         if len(prompt) + row.max_new_tokens > model.config.max_seq_len:
             raise ValueError(
-                f"prompt of {len(prompt)} tokens + max_new_tokens={row.max_new_tokens} exceeds max_seq_len="
+                f"prompt of {len(prompt)} tokens + max_new_tokens={row.max_new_tokens} exceeds {whose}max_seq_len="
                 f"{model.config.max_seq_len}: lower max_new_tokens to at most {model.config.max_seq_len - len(prompt)}"
             )
-    steps = max(row.max_new_tokens for row in rows)
-    if steps == 0:
-        return
-    needed = max(len(prompt) + row.max_new_tokens for prompt, row in zip(prompts, rows, strict=True))
-    logits, cache = prefill(model, prompts, cache_length(needed, model.config.max_seq_len))
-    check_finite(logits, 0)
-    device, vocab = logits.device, logits.shape[-1]
-    # Per-row sampling tensors, or one plain value where every row agrees (greedy needs no sort or noise).
+
+
+def sampling_tensors(rows: list[RowSampling], vocab: int, device: torch.device) -> tuple:
+    """(temperature, top_k, top_p) of the rows for sample_next: [B] tensors, or one plain value where every row
+    agrees (greedy needs no sort or noise)."""
     temperature = [row.temperature for row in rows]
     temperature = 0 if not any(temperature) else torch.tensor(temperature, dtype=torch.float32, device=device)
     top_k = [vocab if row.top_k is None else row.top_k for row in rows]
     top_k = None if min(top_k) >= vocab else torch.tensor(top_k, device=device)
     top_p = [1.0 if row.top_p is None else row.top_p for row in rows]
     top_p = None if min(top_p) >= 1 else torch.tensor(top_p, dtype=torch.float32, device=device)
+    return temperature, top_k, top_p
+
+
+def stream_rows(
+    model: MiniGrok,
+    prompts: list[torch.Tensor],
+    rows: list[RowSampling],
+    generator: torch.Generator | list[torch.Generator | None] | None = None,
+    compile: bool = False,
+    draft_model: MiniGrok | None = None,
+    num_draft_tokens: int = 4,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield [B] next tokens, one step at a time, until every row has emitted a stop token or its max_new_tokens.
+
+    A row that is done repeats its stop token (or 0, past its max_new_tokens). Host syncs per step: the check
+    that every row is done, and on CPU (where reading back is free) that the logits are finite. With a
+    `draft_model`, the same tokens come from speculative decoding (minigrok.speculative), counted into `stats`.
+    """
+    if draft_model is not None:
+        from .speculative import speculative_rows
+
+        yield from speculative_rows(model, draft_model, prompts, rows, num_draft_tokens, generator, compile, stats)
+        return
+    check_lengths(model, prompts, rows)
+    steps = max(row.max_new_tokens for row in rows)
+    if steps == 0:
+        return
+    needed = max(len(prompt) + row.max_new_tokens for prompt, row in zip(prompts, rows, strict=True))
+    logits, cache = prefill(model, prompts, cache_length(needed, model.config.max_seq_len))
+    check_finite(logits, 0)
+    device = logits.device
+    temperature, top_k, top_p = sampling_tensors(rows, logits.shape[-1], device)
     width = max(1, *(len(row.stop_tokens) for row in rows))
     stops = torch.tensor([[*row.stop_tokens, *[-1] * (width - len(row.stop_tokens))] for row in rows], device=device)
     budget = torch.tensor([row.max_new_tokens for row in rows], device=device)
@@ -194,6 +233,7 @@ def stream_rows(
         if index == steps - 1 or bool(finished.all()):
             return
         logits = step(model, token, cache)
+        cache.lengths -= finished.long()  # a done row stays put (rewriting one position), inside the cache
         if check_each_step:
             check_finite(logits, index + 1)
 
@@ -208,6 +248,9 @@ def stream(
     stop_tokens: list[int] | None = None,
     seed: int | None = None,
     compile: bool = False,
+    draft_model: MiniGrok | None = None,
+    num_draft_tokens: int = 4,
+    stats: SpeculativeStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield [B] next tokens until max_new_tokens or until every row has emitted a stop token."""
     model.check_input_ids(input_ids)
@@ -218,7 +261,8 @@ def stream(
         raise ValueError("input_ids is empty: generation needs at least one prompt token (e.g. a BOS id)")
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     prompts = list(input_ids.to(model.head_weight.device))
-    yield from stream_rows(model, prompts, [row] * len(prompts), generator, compile)
+    rows = [row] * len(prompts)
+    yield from stream_rows(model, prompts, rows, generator, compile, draft_model, num_draft_tokens, stats)
 
 
 def per_row(name: str, value, batch: int) -> list:
@@ -242,6 +286,9 @@ def generate_batch(
     stop_tokens: list[int] | list[list[int]] | None = None,
     seed: int | None | list[int | None] = None,
     compile: bool = False,
+    draft_model: MiniGrok | None = None,
+    num_draft_tokens: int = 4,
+    stats: SpeculativeStats | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (see MiniGrok.generate_batch)."""
     if not prompts:
@@ -268,7 +315,7 @@ def generate_batch(
     seeds = per_row("seed", seeds, batch)
     generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
     generator = None if all(g is None for g in generators) else generators
-    steps = list(stream_rows(model, prompts, rows, generator, compile))
+    steps = list(stream_rows(model, prompts, rows, generator, compile, draft_model, num_draft_tokens, stats))
     columns = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
     out = []
     for tokens, row in zip(columns, rows, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,9 @@ from . import functional
 from .config import ModelConfig
 from .generate import generate_batch, stream
 from .machine import reading_back_is_free
+
+if TYPE_CHECKING:
+    from .speculative import SpeculativeStats
 
 
 class ModelOutput:
@@ -331,9 +335,13 @@ class MiniGrok(nn.Module):
         stop_tokens: list[int] | None = None,
         seed: int | None = None,
         compile: bool = False,
+        draft_model: MiniGrok | None = None,
+        num_draft_tokens: int = 4,
+        stats: SpeculativeStats | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, [B], one step at a time (see `generate`)."""
-        yield from stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
+        sampling = (max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
+        yield from stream(self, input_ids, *sampling, draft_model, num_draft_tokens, stats)
 
     @torch.no_grad()
     def generate(
@@ -346,6 +354,9 @@ class MiniGrok(nn.Module):
         stop_tokens: list[int] | None = None,
         seed: int | None = None,
         compile: bool = False,
+        draft_model: MiniGrok | None = None,
+        num_draft_tokens: int = 4,
+        stats: SpeculativeStats | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] extended by up to max_new_tokens sampled tokens; greedy when temperature == 0.
 
@@ -353,8 +364,14 @@ class MiniGrok(nn.Module):
         with its stop token. `seed` makes sampling reproducible without touching the global RNG. `compile` runs the
         decode step under torch.compile (one compile per batch size and cache length, which costs seconds on CPU;
         it pays off over long or repeated generations).
+
+        With a `draft_model` (a smaller model of the same vocabulary, e.g. shallower or with shared layers), decoding
+        is speculative: the draft proposes `num_draft_tokens` tokens, the target checks them in one forward and keeps
+        those the rejection rule accepts, so the output follows the target's distribution exactly (greedy: the same
+        tokens as the target alone). A `SpeculativeStats` passed as `stats` counts the drafted and accepted tokens.
         """
-        new = list(stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile))
+        sampling = (max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
+        new = list(stream(self, input_ids, *sampling, draft_model, num_draft_tokens, stats))
         return torch.cat([input_ids, *(token[:, None] for token in new)], dim=1)
 
     @torch.no_grad()
@@ -368,14 +385,19 @@ class MiniGrok(nn.Module):
         stop_tokens: list[int] | list[list[int]] | None = None,
         seed: int | None | list[int | None] = None,
         compile: bool = False,
+        draft_model: MiniGrok | None = None,
+        num_draft_tokens: int = 4,
+        stats: SpeculativeStats | None = None,
     ) -> list[list[int]]:
         """The new tokens of each prompt, prompts of any lengths generated in one batch, each row as it would alone.
 
         Every argument but `prompts` is one value for all rows or a list of one per row (`stop_tokens`: a list of
         ids for all, or a list of such lists). A row ends after its first stop token (kept) or its max_new_tokens.
         `seed` an int seeds row i with seed + i; a row's draws depend only on its seed, not on the other rows.
+        `draft_model`, `num_draft_tokens` and `stats`: speculative decoding, as in `generate`.
         """
-        return generate_batch(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
+        sampling = (max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, compile)
+        return generate_batch(self, prompts, *sampling, draft_model, num_draft_tokens, stats)
 
     # -- persistence and reporting ------------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import add_config_arguments, add_dtype_argument, add_machine_arguments, int_list
+from .arguments import NO_VERIFY_HELP, add_config_arguments, add_dtype_argument, add_machine_arguments, int_list
+from .inference import add_draft_arguments, load_checkpoint, load_draft
 
 # What each op of `bench kernels` sweeps: the attentions take them as --seq-lens, every other op as --sizes.
 SWEPT = {
@@ -167,12 +168,22 @@ def add_bench_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare", nargs="+", choices=["hf"], default=[], help="baseline: transformers' LlamaForCausalLM.generate"
     )
     parser.add_argument("--compile", action="store_true", help="generate with compile=True (cold compile timed)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="trained (or quantised) checkpoint or run directory instead of --config"
+    )
+    parser.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        help="with --checkpoint: text the prompts are cut from (default: the built-in corpus' validation files)",
+    )
+    add_draft_arguments(parser)
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
 
 
 def run_bench_generate(args: argparse.Namespace) -> None:
     """Print every figure of bench_generate per batch size, write them to --json, and fail if the greedy tokens
-    differ from transformers'."""
+    differ from transformers' or, with --draft, the speculative tokens from the target's alone."""
     import sys
 
     from ..bench import bench_generate
@@ -180,7 +191,21 @@ def run_bench_generate(args: argparse.Namespace) -> None:
     from ..files import write_json
 
     set_threads(args.threads)
-    config = build_model_config(args.config, args.set)
+    model = draft = text = None
+    if args.checkpoint:
+        import torch
+
+        from ..train.data import encode_corpus
+
+        if args.set:
+            raise ValueError("--set changes a --config preset; a --checkpoint keeps its own config: drop --set")
+        model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
+        draft = load_draft(args.draft, tokenizer, verify=not args.no_verify) if args.draft else None
+        text = torch.from_numpy(encode_corpus(tokenizer, args.data)[0].astype("int64"))  # prompts cut from text
+    elif args.draft or args.data:
+        flag = "--draft" if args.draft else "--data"
+        raise ValueError(f"{flag} needs --checkpoint: the target a draft drafts for, whose tokenizer encodes the text")
+    config = model.config if model is not None else build_model_config(args.config, args.set)
     result = bench_generate(
         config,
         tuple(args.batch_sizes),
@@ -190,6 +215,10 @@ def run_bench_generate(args: argparse.Namespace) -> None:
         compile=args.compile,
         repeats=args.repeats,
         device=args.device,
+        model=model,
+        draft=draft,
+        num_draft_tokens=args.num_draft_tokens,
+        text_tokens=text,
     )
     print_figures({key: value for key, value in result.items() if key != "batches"})
     for row in result["batches"]:
@@ -201,6 +230,11 @@ def run_bench_generate(args: argparse.Namespace) -> None:
         print(
             "minigrok bench generate: error: greedy tokens differ from transformers' with the same weights",
             file=sys.stderr,
+        )
+        raise SystemExit(1)
+    if result.get("speculative_tokens_match_target") is False:
+        print(
+            "minigrok bench generate: error: speculative greedy tokens differ from the target's alone", file=sys.stderr
         )
         raise SystemExit(1)
 

@@ -33,6 +33,25 @@ def load_checkpoint(path: str, verify: bool = True):
     return model, tokenizer
 
 
+def load_draft(path: str, tokenizer, verify: bool = True):
+    """The draft model of --draft, checked to share the target's tokenizer (so its token ids mean the same)."""
+    from ..checkpoint import CheckpointError
+
+    draft, draft_tokenizer = load_checkpoint(path, verify)
+    if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"--draft {path} has another tokenizer than the target (fingerprint {draft_tokenizer.fingerprint()[:12]}, "
+            f"the target's {tokenizer.fingerprint()[:12]}): train the draft with the target's tokenizer"
+        )
+    return draft
+
+
+def add_draft_arguments(parser: argparse.ArgumentParser) -> None:
+    """--draft and --num-draft-tokens: speculative decoding with a smaller model of the same tokenizer."""
+    parser.add_argument("--draft", default=None, help="checkpoint or run directory of a smaller draft model")
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per target forward")
+
+
 def inference_dtype(requested: str, model, rows: int) -> str:
     """Resolve --dtype for a CPU inference job of `rows` tokens per forward (auto: the fastest safe dtype measured
     here, in under a second) and say on stderr what was chosen."""
@@ -82,11 +101,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    add_draft_arguments(parser)
     add_dtype_argument(parser)
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    """Stream the continuation; with --draft, decode speculatively and say on stderr how many drafts were kept."""
+    from ..speculative import SpeculativeStats
+
     model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
+    draft = load_draft(args.draft, tokenizer, verify=not args.no_verify) if args.draft else None
+    stats = SpeculativeStats()
     stream_text(
         model,
         tokenizer,
@@ -97,7 +122,16 @@ def run_generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        draft_model=draft,
+        num_draft_tokens=args.num_draft_tokens,
+        stats=stats,
     )
+    if draft is not None:
+        print(
+            f"speculative: {stats.accepted} of {stats.drafted} drafted tokens accepted "
+            f"(acceptance_rate {stats.acceptance_rate:.2f}) in {stats.rounds} target forwards",
+            file=sys.stderr,
+        )
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

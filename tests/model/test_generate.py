@@ -73,6 +73,19 @@ def test_batch_of_ragged_prompts_generates_what_each_would_alone(heads, share):
     assert len(expected[0]) <= 3 and len(expected[1]) <= 2
 
 
+def test_a_row_done_early_stays_inside_the_cache_while_a_long_one_goes_on():
+    """A long prompt with a short budget beside a short prompt with a long one: the done row must not grow past
+    the cache sized for each row's own prompt + budget."""
+    model = make_model(3)
+    prompts = random_prompts([3, 20, 1, 2], 101, seed=5)
+    budgets = [10, 3, 17, 0]
+    alone = [
+        model.generate(torch.tensor([p]), n, temperature=0)[0, len(p) :].tolist()
+        for p, n in zip(prompts, budgets, strict=True)
+    ]
+    assert model.generate_batch(prompts, budgets, temperature=0) == alone
+
+
 def test_sampling_is_reproducible_per_row_whatever_shares_the_batch():
     model = make_model(4)
     prompts = random_prompts([5, 17, 9], 101, seed=4)
