@@ -86,11 +86,15 @@ def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]
         f"blocks.{index}.{name}"
         for index in range(config.n_unique_layers)
         for name in block_shapes(config)
-        if name.endswith("proj.weight")
+        if is_quantizable(name, include_embedding)
     ]
-    if include_embedding:
-        names += ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
-    return names
+    outside = ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    return names + [name for name in outside if is_quantizable(name, include_embedding)]
+
+
+def is_quantizable(name: str, include_embedding: bool) -> bool:
+    """Whether quantisation replaces the weight `name` (a block's own name, or the model's outside the blocks)."""
+    return name.endswith("proj.weight") or (include_embedding and name in ("embed.weight", "lm_head.weight"))
 
 
 def largest_group_size(in_features: int) -> int | None:
@@ -262,18 +266,27 @@ def quantize_model(
 def quantized_shapes(config: ModelConfig, quantization: Quantization) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, safetensors dtype) of the packed tensors of a quantised model of `config`."""
     shapes = parameter_shapes(config)
-    packed = {}
-    for name in quantization.tensors:
-        out_features, in_features = shapes[name]
-        check_group_size(name, in_features, quantization)
-        base = name.removesuffix(".weight")
-        if quantization.bits == 8:
-            packed[f"{base}.qweight"] = ((out_features, in_features), "I8")
-            packed[f"{base}.scales"] = ((out_features,), "F16")
-        else:
-            packed[f"{base}.qweight"] = ((out_features, in_features // 2), "U8")
-            packed[f"{base}.scales"] = ((out_features, in_features // quantization.group_size), "F16")
-    return packed
+    return {
+        key: value
+        for name in quantization.tensors
+        for key, value in packed_shapes(name, shapes[name], quantization).items()
+    }
+
+
+def packed_shapes(
+    name: str, shape: tuple[int, ...], quantization: Quantization
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of the two tensors that replace the float weight `name` of `shape`."""
+    out_features, in_features = shape
+    check_group_size(name, in_features, quantization)
+    base = name.removesuffix(".weight")
+    if quantization.bits == 8:
+        return {f"{base}.qweight": ((out_features, in_features), "I8"), f"{base}.scales": ((out_features,), "F16")}
+    groups = in_features // quantization.group_size
+    return {
+        f"{base}.qweight": ((out_features, in_features // 2), "U8"),
+        f"{base}.scales": ((out_features, groups), "F16"),
+    }
 
 
 def is_quantized(directory: str | Path) -> bool:
