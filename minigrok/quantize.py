@@ -177,6 +177,10 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ W.T on the packed weight (a tied quantised embedding's head is this of its table)."""
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rows = x.reshape(-1, self.in_features).to(dtype).contiguous()
@@ -224,7 +228,8 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(QuantizedLinear):
-    """The token embedding over a packed weight: a lookup dequantises only the rows it reads."""
+    """The token embedding over a packed weight: a lookup dequantises only the rows it reads; `linear` is the tied
+    head."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return dequantize(self.qweight[input_ids], self.scales[input_ids], self.bits)

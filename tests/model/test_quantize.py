@@ -353,3 +353,23 @@ def test_a_scheme_whose_groups_do_not_divide_the_inputs_says_so():
     report = MiniGrok(ModelConfig(**(CONFIG | {"ffn_dim": 96}))).report()
     assert report.schemes["int4 g64"] == "group_size=64 does not divide the 96 input features of mlp.down_proj.weight"
     assert report.schemes["int8"].disk_bytes > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantised_head_decodes_on_its_packed_weight(monkeypatch, tied):
+    torch.manual_seed(0)
+    model = MiniGrok(ModelConfig(**CONFIG, tie_embeddings=tied)).eval()
+    quantized = quantize_model(model, 8, include_embedding=True)
+    head = quantized.embed if tied else quantized.lm_head
+    assert head.kernel("cpu", torch.float32, rows=2) == "int8pack_mm"
+    hidden = torch.randn(2, 1, CONFIG["dim"])
+    expected = hidden.double() @ head.weight.double().T
+    torch.testing.assert_close(quantized.logits(hidden).double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 5))
+    dequantised = []  # generate reads the head's device and dtype once a call; no decoded token dequantises it
+    weight = QuantizedLinear.weight
+    monkeypatch.setattr(QuantizedLinear, "weight", property(lambda self: dequantised.append(self) or weight.fget(self)))
+    quantized.generate(ids, 1, temperature=0)
+    once = len(dequantised)
+    quantized.generate(ids, 8, temperature=0)
+    assert len(dequantised) == 2 * once
