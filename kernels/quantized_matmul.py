@@ -24,9 +24,20 @@ def _quantized_matmul_kernel(
     BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M, BLOCK_N] tile of y: rows of x against output features of W, over K in steps of BLOCK_K."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One [BLOCK_M, BLOCK_N] tile of y: rows of x against output features of W, over K in steps of BLOCK_K.
+
+    The pointers move to the tile's first row and column in 64 bits, so the offsets within it stay small (a head's
+    [tokens, vocab] output can pass 2^31 elements)."""
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_M
+    first_col = tl.program_id(1).to(tl.int64) * BLOCK_N
+    X += first_row * stride_xm
+    Y += first_row * stride_ym + first_col * stride_yn
+    Q += first_col * stride_qn
+    S += first_col * stride_sn
+    M -= first_row
+    N -= first_col
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
     steps = tl.arange(0, BLOCK_K)
     col_mask = cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -51,15 +62,17 @@ def _quantized_matmul_kernel(
 
 
 def _launch_settings(rows: int, dtype: torch.dtype, group_size: int | None) -> dict:
-    """Tiles for `rows` rows of x: a 16-row tile for decoding (the narrowest tl.dot takes), wider ones for prefill;
-    fp32 (FMA, not tensor cores) takes smaller ones so the accumulator and tiles stay in registers."""
+    """Tiles for `rows` rows of x: a 16-row tile for decoding (the narrowest tl.dot takes), wider ones for prefill
+    over 8 warps; fp32 (FMA, not tensor cores) takes smaller ones. tests/kernels/test_gpu_compile.py checks that none
+    spills on sm_80 / sm_90 (with 4 warps the 64 x 128 int8 tile spilled on sm_80)."""
     half = dtype != torch.float32
     block_m = min(triton.next_power_of_2(max(rows, 16)), 64 if half else 32)
     block_n = 32 if rows <= 16 else 128 if half and block_m == 64 else 64
     block_k = 64 if half else 32
     if group_size is not None:
         block_k = min(block_k, group_size)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3 if half else 2)
+    num_warps = 4 if rows <= 16 else 8
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3 if half else 2)
 
 
 def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
