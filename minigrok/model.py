@@ -319,8 +319,9 @@ class MiniGrok(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head: vocabulary logits of hidden states [..., dim]."""
-        return hidden @ self.head_weight.T
+        """The head: vocabulary logits of hidden states [..., dim]; a quantised head multiplies its packed weight."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return head.linear(hidden) if hasattr(head, "linear") else hidden @ self.head_weight.T
 
     # -- generation ---------------------------------------------------------------------------------------------
 

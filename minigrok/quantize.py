@@ -10,8 +10,9 @@ each scale is rounded up where float16 would round it down, so |q| never exceeds
 
 QuantizedLinear runs its matmul on the packed weight: for a few rows (decoding) on CPU through torch's weight-only
 ops where they take the shape and dtype (_weight_int8pack_mm; _weight_int4pack_mm_for_cpu on the layout of
-_convert_weight_to_int4pack_for_cpu, built from q on first use), otherwise by dequantising that one weight at call
-time for the float GEMM. Nothing is dequantised up front.
+_convert_weight_to_int4pack_for_cpu, built from q on first use), otherwise through
+minigrok.functional.quantized_matmul: the Triton kernel on a GPU (tiles dequantised in registers), else that one
+weight dequantised at call time for the float GEMM. Nothing is dequantised up front.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .files import write_json
+from .functional.quantized_matmul import dequantize, quantized_matmul, scale_values, unpack_int4
 from .model import MiniGrok, block_shapes, parameter_shapes
 
 BITS = (8, 4)
@@ -84,11 +86,15 @@ def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]
         f"blocks.{index}.{name}"
         for index in range(config.n_unique_layers)
         for name in block_shapes(config)
-        if name.endswith("proj.weight")
+        if is_quantizable(name, include_embedding)
     ]
-    if include_embedding:
-        names += ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
-    return names
+    outside = ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    return names + [name for name in outside if is_quantizable(name, include_embedding)]
+
+
+def is_quantizable(name: str, include_embedding: bool) -> bool:
+    """Whether quantisation replaces the weight `name` (a block's own name, or the model's outside the blocks)."""
+    return name.endswith("proj.weight") or (include_embedding and name in ("embed.weight", "lm_head.weight"))
 
 
 def largest_group_size(in_features: int) -> int | None:
@@ -120,12 +126,6 @@ def quantize_values(weight: torch.Tensor, qmax: int, group_size: int | None) -> 
     return q.reshape(out_features, in_features).to(torch.int8), scales
 
 
-def scale_values(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight [..., in] in `dtype` of integer values [..., in] and their group scales [..., groups]."""
-    grouped = values.to(dtype).unflatten(-1, (scales.shape[-1], -1))
-    return (grouped * scales.to(dtype)[..., None]).flatten(-2)
-
-
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
     """The float32 weight [out, in] that quantize_weight then dequantize give back: quantise, then dequantise."""
     return scale_values(*quantize_values(weight, Quantization(bits, group_size, ()).qmax, group_size), torch.float32)
@@ -151,31 +151,18 @@ def quantize_weight(
     return offset[:, 0::2] | (offset[:, 1::2] << 4), scales
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The int4 values in [-8, 7] of packed uint8 [..., in / 2], as int8 [..., in]."""
-    values = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
-    return values.to(torch.int8) - 8
-
-
-def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float weight [..., in] of int8 q [..., in] or packed int4 q [..., in / 2] and their scales, in `dtype`."""
-    if bits == 8:
-        return scale_values(q, scales[..., None], dtype)
-    return scale_values(unpack_int4(q), scales, dtype)
-
-
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer over a packed int8 or int4 weight (see the module docstring).
 
     `weight` dequantises the whole weight on demand (the tied head reads it so); `forward` never keeps it.
-    `use_torch_ops=False` always takes the dequantise-then-matmul path.
+    `use_torch_ops=False` always takes functional.quantized_matmul, which `backend` dispatches (the model's).
     """
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None, backend: str = "auto"):
         super().__init__()
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.backend = bits, group_size, backend
         self.out_features, self.in_features = q.shape[0], q.shape[1] * (2 if bits == 4 else 1)
         self.use_torch_ops = True
         self._cpu_int4: torch.Tensor | None = None  # torch's CPU int4 layout of qweight, built on first use
@@ -190,6 +177,10 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ W.T on the packed weight (a tied quantised embedding's head is this of its table)."""
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rows = x.reshape(-1, self.in_features).to(dtype).contiguous()
@@ -201,15 +192,16 @@ class QuantizedLinear(nn.Module):
                 rows, self.cpu_int4_weight(), self.group_size, self.cpu_int4_scales(dtype)
             )
         else:
-            out = rows @ dequantize(self.qweight, self.scales, self.bits, dtype).T
+            out = quantized_matmul(rows, self.qweight, self.scales, self.bits, self.backend)
         return out.view(*x.shape[:-1], self.out_features)
 
     def kernel(self, device: str, dtype: torch.dtype, rows: int = 1) -> str:
         """The matmul forward runs for `rows` input rows of `dtype` on `device`: torch's CPU weight-only op where it
         takes the shape and dtype and the rows are few, as in decoding ("int8pack_mm", "int4pack_mm"), else
-        "dequantize" (this weight alone, at call time: for many rows the float GEMM is faster and dequantising one
-        weight costs a small part of it)."""
-        if rows > MAX_TORCH_OP_ROWS or not self.use_torch_ops or device != "cpu":
+        "dequantize": functional.quantized_matmul, the Triton kernel where the backend picks it, else this weight
+        alone dequantised at call time (for many rows the float GEMM is faster and dequantising one weight costs a
+        small part of it)."""
+        if rows > MAX_TORCH_OP_ROWS or not self.use_torch_ops or device != "cpu" or self.backend == "triton":
             return "dequantize"
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "dequantize"
@@ -236,7 +228,8 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(QuantizedLinear):
-    """The token embedding over a packed weight: a lookup dequantises only the rows it reads."""
+    """The token embedding over a packed weight: a lookup dequantises only the rows it reads; `linear` is the tied
+    head."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return dequantize(self.qweight[input_ids], self.scales[input_ids], self.bits)
@@ -268,7 +261,8 @@ def quantize_model(
     for name in names:
         check_group_size(name, state[name].shape[1], quantization)
     layers = {
-        name: layer_class(name)(*quantize_weight(state[name], bits, group_size), bits, group_size) for name in names
+        name: layer_class(name)(*quantize_weight(state[name], bits, group_size), bits, group_size, model.config.backend)
+        for name in names
     }
     swap_modules(model, quantization, layers)
     return model
@@ -277,18 +271,27 @@ def quantize_model(
 def quantized_shapes(config: ModelConfig, quantization: Quantization) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, safetensors dtype) of the packed tensors of a quantised model of `config`."""
     shapes = parameter_shapes(config)
-    packed = {}
-    for name in quantization.tensors:
-        out_features, in_features = shapes[name]
-        check_group_size(name, in_features, quantization)
-        base = name.removesuffix(".weight")
-        if quantization.bits == 8:
-            packed[f"{base}.qweight"] = ((out_features, in_features), "I8")
-            packed[f"{base}.scales"] = ((out_features,), "F16")
-        else:
-            packed[f"{base}.qweight"] = ((out_features, in_features // 2), "U8")
-            packed[f"{base}.scales"] = ((out_features, in_features // quantization.group_size), "F16")
-    return packed
+    return {
+        key: value
+        for name in quantization.tensors
+        for key, value in packed_shapes(name, shapes[name], quantization).items()
+    }
+
+
+def packed_shapes(
+    name: str, shape: tuple[int, ...], quantization: Quantization
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of the two tensors that replace the float weight `name` of `shape`."""
+    out_features, in_features = shape
+    check_group_size(name, in_features, quantization)
+    base = name.removesuffix(".weight")
+    if quantization.bits == 8:
+        return {f"{base}.qweight": ((out_features, in_features), "I8"), f"{base}.scales": ((out_features,), "F16")}
+    groups = in_features // quantization.group_size
+    return {
+        f"{base}.qweight": ((out_features, in_features // 2), "U8"),
+        f"{base}.scales": ((out_features, groups), "F16"),
+    }
 
 
 def is_quantized(directory: str | Path) -> bool:
@@ -363,6 +366,7 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
             tensors[f"{name.removesuffix('.weight')}.scales"],
             quantization.bits,
             quantization.group_size,
+            config.backend,
         )
         for name in quantization.tensors
     }

@@ -5,6 +5,10 @@ and the output head, tied or not), T the context and d_attn = n_heads * head_dim
     forward  = 2 * N_matmul + 4 * n_layers * T * d_attn * 1/2    (QK^T and AV; causal: half the keys on average)
     training = 3 * forward                                      (the backward costs twice the forward)
 MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
+
+Weight schemes are sized from the tensors their checkpoint holds: every tensor in fp32 or bf16, or the packed
+integers and float16 scales minigrok.quantize writes, the tensors it leaves float in fp32 (as `minigrok quantize`
+writes a training checkpoint's).
 """
 
 from __future__ import annotations
@@ -16,6 +20,25 @@ from .config import ModelConfig
 from .machine import TORCH_DTYPES
 
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
+# name: (float dtype, bits, int4 group size, embedding quantised); no bits: a float checkpoint of that dtype.
+SCHEMES = {
+    "fp32": ("fp32", None, None, False),
+    "bf16": ("bf16", None, None, False),
+    "int8": ("fp32", 8, None, False),
+    "int8 + embedding": ("fp32", 8, None, True),
+    "int4 g64": ("fp32", 4, 64, False),
+    "int4 g64 + embedding": ("fp32", 4, 64, True),
+}
+
+
+@dataclass
+class SchemeSize:
+    """What one weight scheme costs; KV bytes in its activations' dtype (weight-only schemes compute in bf16)."""
+
+    disk_bytes: int  # model.safetensors' tensors (its JSON header adds about 100 bytes a tensor)
+    resident_bytes: int  # the weights in memory once loaded: the same tensors, nothing is dequantised up front
+    kv_bytes_per_token: int
 
 
 @dataclass
@@ -30,6 +53,19 @@ class ModelReport:
     train_flops_per_token: int  # three times the forward
     kv_cache_bytes_per_token: dict[str, int]
     checkpoint_bytes: dict[str, int]
+    schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
+
+    def scheme_rows(self) -> list[tuple[str, str]]:
+        rows = []
+        for name, size in self.schemes.items():
+            if isinstance(size, str):
+                rows.append((f"weights {name}", f"n/a: {size}"))
+                continue
+            disk, resident = f"{size.disk_bytes / 2**20:,.2f} MiB", f"{size.resident_bytes / 2**20:,.2f} MiB"
+            rows.append(
+                (f"weights {name}", f"{disk} on disk, {resident} resident, {size.kv_bytes_per_token:,} KV B/token")
+            )
+        return rows
 
     def __str__(self) -> str:
         rows = [
@@ -40,6 +76,7 @@ class ModelReport:
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
             *((f"KV cache bytes / token ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
+            *self.scheme_rows(),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -75,4 +112,33 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         train_flops_per_token=3 * forward,
         kv_cache_bytes_per_token={d: kv_per_token * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
+        schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
     )
+
+
+def scheme_size(
+    config: ModelConfig, dtype: str, bits: int | None, group_size: int | None, embedding: bool, kv_per_token: int
+) -> SchemeSize | str:
+    """The sizes of a `config` model's weights in one scheme (see SCHEMES), by arithmetic on one block's shapes; the
+    reason as a string where int4 groups do not divide a weight's inputs."""
+    from .model import block_shapes
+    from .quantize import Quantization, is_quantizable, packed_shapes
+
+    quantization = None if bits is None else Quantization(bits, group_size, ())
+
+    def size(name: str, shape: tuple[int, ...]) -> int:
+        if quantization is None or not is_quantizable(name, embedding):
+            return math.prod(shape) * DTYPE_BYTES[dtype]
+        packed = packed_shapes(name, shape, quantization).values()
+        return sum(math.prod(packed_shape) * SAFETENSORS_BYTES[kind] for packed_shape, kind in packed)
+
+    outside = {"embed.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,)}
+    if not config.tie_embeddings:
+        outside["lm_head.weight"] = (config.vocab_size, config.dim)
+    try:
+        block = sum(size(name, shape) for name, shape in block_shapes(config).items())
+        total = block * config.n_unique_layers + sum(size(name, shape) for name, shape in outside.items())
+    except ValueError as error:
+        return str(error).split(":")[0]
+    kv_bytes = kv_per_token * DTYPE_BYTES["fp32" if dtype == "fp32" and bits is None else "bf16"]
+    return SchemeSize(disk_bytes=total, resident_bytes=total, kv_bytes_per_token=kv_bytes)

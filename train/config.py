@@ -113,7 +113,7 @@ class TrainConfig:
     distill_kind: str = "forward"
     """with --teacher: forward (KL(teacher || student)) or reverse (KL(student || teacher))"""
     distill_teacher_dtype: str = "fp32"
-    """with --teacher: the teacher's weights in fp32 or bf16 (half the memory)"""
+    """with --teacher: the teacher's weights in fp32, bf16 (half the memory) or int8 (its projections quantised)"""
 
     # Processes training together: not a field (nothing to --set); the trainer sets it from torchrun's WORLD_SIZE,
     # so the global batch, token counts and token budgets count every process.
@@ -189,8 +189,10 @@ class TrainConfig:
             raise ConfigError(f"train.distill_temperature={show(temperature)} must be a positive number, e.g. 2")
         if self.distill_kind not in DISTILL_KINDS:
             raise ConfigError(f"train.distill_kind={show(self.distill_kind)} is unknown: choose one of {DISTILL_KINDS}")
-        if self.distill_teacher_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"train.distill_teacher_dtype={show(self.distill_teacher_dtype)} must be fp32 or bf16")
+        if self.distill_teacher_dtype not in ("fp32", "bf16", "int8"):
+            raise ConfigError(
+                f"train.distill_teacher_dtype={show(self.distill_teacher_dtype)} must be fp32, bf16 or int8"
+            )
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)

@@ -13,17 +13,22 @@ from torch import nn
 from minigrok.checkpoint import file_sha256
 from minigrok.functional import DistillationLoss, linear_distillation_loss
 from minigrok.model import MiniGrok
+from minigrok.quantize import quantize_model
 
 from .config import TrainConfig
+from .tokenizer import Tokenizer, vocabulary_hash
 
 
 @dataclass
 class Teacher:
-    """A loaded teacher: the model, the path it came from and the sha256 of its weight files (what resume checks)."""
+    """A loaded teacher: the model, the path it came from, the sha256 of its weight files (what resume checks) and
+    its tokenizer.json with the vocabulary_hash of it (None for a Hugging Face directory without one)."""
 
     model: MiniGrok
     path: str
     sha256: str
+    tokenizer_file: Path | None = None
+    vocabulary: str | None = None
 
 
 def weights_sha256(files: list[Path]) -> str:
@@ -37,6 +42,23 @@ def check_teacher_vocab(teacher: Teacher, student_vocab: int) -> None:
         raise ValueError(
             f"--teacher {teacher.path} has vocab_size={vocab} but the student has vocab_size={student_vocab}: "
             "distil with the teacher's tokenizer (--tokenizer TEACHER/tokenizer.json) and vocabulary"
+        )
+
+
+def teacher_model(teacher: Teacher, device: torch.device, dtype: str) -> MiniGrok:
+    """The teacher's model on `device` in train.distill_teacher_dtype: fp32, bf16, or int8 (its projections through
+    minigrok.quantize's PTQ, the embedding and so a tied head in fp32)."""
+    model = teacher.model.to(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return quantize_model(model, bits=8) if dtype == "int8" else model
+
+
+def check_teacher_tokenizer(teacher: Teacher, student: Tokenizer, student_file: Path) -> None:
+    """Refuse a teacher whose tokenizer.json has other tokens or merges than the student's: the same ids would mean
+    other text, so the KL would compare unrelated distributions."""
+    if teacher.vocabulary is not None and teacher.vocabulary != vocabulary_hash(student.to_dict()):
+        raise ValueError(
+            f"--teacher's {teacher.tokenizer_file} and the student's {student_file} are different tokenizers (their "
+            f"vocabularies or merges differ): distil on the teacher's, --tokenizer {teacher.tokenizer_file}"
         )
 
 

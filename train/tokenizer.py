@@ -53,6 +53,31 @@ def _byte_level_chars() -> dict[str, int]:
 _BYTE_OF_CHAR = _byte_level_chars()
 
 
+def _byte_backend() -> tokenizers.Tokenizer:
+    """The byte tokenizer as a `tokenizers` one: a byte-level BPE with no merges, its 256 tokens the bytes in id order."""
+    char_of_byte = {byte: char for char, byte in _BYTE_OF_CHAR.items()}
+    vocab = {char_of_byte[byte]: byte for byte in range(256)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return backend
+
+
+def vocabulary_hash(content: dict) -> str:
+    """sha256 of the vocabulary and merges in a tokenizer.json's content (its "model" section; the byte tokenizer's
+    as save_hf writes it): equal for files that split text into the same ids, whatever else they record."""
+    if content.get("minigrok_tokenizer") == "byte":
+        content = json.loads(_byte_backend().to_str())
+    model = content.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        raise TokenizerError("the tokenizer.json has no model section with a vocab: re-save the tokenizer")
+    merges = [merge.split(" ", 1) if isinstance(merge, str) else list(merge) for merge in model.get("merges") or []]
+    canonical = {"type": model.get("type"), "vocab": model["vocab"], "merges": merges}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class Tokenizer:
     """Text <-> ids. kind "bpe" wraps a byte-level BPE `tokenizers.Tokenizer`; kind "byte" uses id = byte value.
 
@@ -156,14 +181,7 @@ class Tokenizer:
         A BPE tokenizer is already a `tokenizers` file; the byte tokenizer is written as one: a byte-level BPE
         with no merges, whose 256 tokens are the bytes in id order."""
         directory = Path(directory)
-        backend = self._backend
-        if backend is None:
-            char_of_byte = {byte: char for char, byte in _BYTE_OF_CHAR.items()}
-            vocab = {char_of_byte[byte]: byte for byte in range(256)}
-            backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-            backend.decoder = decoders.ByteLevel()
-            backend.add_special_tokens(list(SPECIAL_TOKENS))
+        backend = self._backend or _byte_backend()
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / TOKENIZER_NAME, lambda tmp: Path(tmp).write_text(backend.to_str(), encoding="utf-8"))
         names = dict(zip(("bos_token", "eos_token", "pad_token"), SPECIAL_TOKENS, strict=True))

@@ -31,11 +31,11 @@ from minigrok.model import MiniGrok
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .data import TokenFiles
-from .distill import DistilledStudent, Teacher, check_teacher_vocab
+from .distill import DistilledStudent, Teacher, check_teacher_tokenizer, check_teacher_vocab, teacher_model
 from .distributed import ALONE, World, current_world
 from .optim import build_optimizer, check_optimizer_state, lr_at, set_hyperparameters
 from .qat import add_fake_quantization
-from .tokenizer import Tokenizer, check_vocab
+from .tokenizer import TOKENIZER_NAME, Tokenizer, check_vocab
 from .tracking import Tracking, open_tracking
 
 LOG_NAME = "log.jsonl"
@@ -196,8 +196,9 @@ class Trainer:
                 "use train.parallel=ddp, or train without --teacher"
             )
         check_teacher_vocab(teacher, self.model.config.vocab_size)
-        dtype = torch.bfloat16 if self.config.distill_teacher_dtype == "bf16" else torch.float32
-        return DistilledStudent(self.model, teacher.model.to(self.device, dtype), self.config)
+        check_teacher_tokenizer(teacher, self.tokenizer, self.run_dir / TOKENIZER_NAME)
+        model = teacher_model(teacher, self.device, self.config.distill_teacher_dtype)
+        return DistilledStudent(self.model, model, self.config)
 
     def _choose_dtype(self, recorded: str | None) -> None:
         """Resolve train.dtype ("auto" measures this machine in under a second; a resumed run keeps `recorded`).

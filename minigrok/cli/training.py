@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 from ..config import ConfigError
@@ -80,20 +81,33 @@ def run_train(args: argparse.Namespace) -> None:
 
 def load_teacher(path: str):
     """The --teacher model, in eval mode: a Hugging Face Llama directory (import_hf), else a minigrok checkpoint or run
-    directory (its newest checkpoint, checked against its manifest), with the sha256 of its weight files."""
+    directory (its newest checkpoint, checked against its manifest), with the sha256 of its weight files and the
+    vocabulary of its tokenizer.json (a Hugging Face directory without one is taken, with a warning)."""
     from ..checkpoint import read_json
     from ..train.checkpoint import resolve_checkpoint
     from ..train.distill import Teacher, weights_sha256
+    from ..train.tokenizer import TOKENIZER_NAME, vocabulary_hash
 
     directory = Path(path)
     if (directory / "config.json").is_file() and "model_type" in read_json(directory / "config.json"):
         from ..hf import _weight_files, import_hf
 
         model, weight_files = import_hf(directory).eval(), _weight_files(directory)
+        tokenizer_file = directory / TOKENIZER_NAME
+        if not tokenizer_file.is_file():
+            print(
+                f"warning: --teacher {directory} has no {TOKENIZER_NAME}, so nothing checks that it shares the "
+                "student's tokenizer: make sure the student's --tokenizer is the one the teacher was trained with",
+                file=sys.stderr,
+            )
+            return Teacher(model, str(directory.resolve()), weights_sha256(weight_files))
+        vocabulary = vocabulary_hash(read_json(tokenizer_file))
     else:
-        model, _ = load_checkpoint(path)
-        weight_files = sorted(resolve_checkpoint(path).glob("*.safetensors"))
-    return Teacher(model, str(directory.resolve()), weights_sha256(weight_files))
+        model, tokenizer = load_checkpoint(path)
+        ckpt = resolve_checkpoint(path)
+        weight_files = sorted(ckpt.glob("*.safetensors"))
+        tokenizer_file, vocabulary = ckpt / TOKENIZER_NAME, vocabulary_hash(tokenizer.to_dict())
+    return Teacher(model, str(directory.resolve()), weights_sha256(weight_files), tokenizer_file.resolve(), vocabulary)
 
 
 def train_and_sample(trainer, args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ from ._dispatch import BACKENDS, triton_available, use_triton
 from .attention import attention, attention_mask
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .distillation import DistillationLoss, linear_distillation_loss
+from .quantized_matmul import dequantize, quantized_matmul
 from .rms_norm import rms_norm
 from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
@@ -19,8 +20,10 @@ __all__ = [
     "attention",
     "attention_mask",
     "cross_entropy",
+    "dequantize",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "quantized_matmul",
     "rms_norm",
     "rope_cos_sin",
     "swiglu",

@@ -19,6 +19,10 @@ def test_info_reports_a_preset_with_overrides(capsys):
     out = capsys.readouterr().out
     assert "share: all" in out and "n_layers: 4" in out
     assert "forward FLOPs / token @ 64" in out and "unique parameters" in out
+    for scheme in ("fp32", "bf16", "int8", "int8 + embedding", "int4 g64", "int4 g64 + embedding"):
+        assert re.search(
+            rf"weights {re.escape(scheme)} +[\d.]+ MiB on disk, [\d.]+ MiB resident, [\d,]+ KV B/token", out
+        )
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ def test_resume_needs_the_same_teacher(tmp_path, corpus, teachers, capsys):
         ("train.distill_kind=up", "train.distill_kind='up' is unknown"),
         ("train.distill_alpha=1.5", "train.distill_alpha=1.5 must lie in [0, 1]"),
         ("train.distill_temperature=0", "train.distill_temperature=0 must be a positive number"),
-        ("train.distill_teacher_dtype=fp16", "train.distill_teacher_dtype='fp16' must be fp32 or bf16"),
+        ("train.distill_teacher_dtype=fp16", "train.distill_teacher_dtype='fp16' must be fp32, bf16 or int8"),
     ],
 )
 def test_bad_distillation_settings_are_refused(tmp_path, corpus, teachers, capsys, setting, message):
@@ -115,17 +115,54 @@ def test_bad_distillation_settings_are_refused(tmp_path, corpus, teachers, capsy
     assert message in capsys.readouterr().err
 
 
-def test_a_bf16_teacher_gives_nearly_the_fp32_teachers_kl(tmp_path, corpus, teachers):
+def test_a_bf16_or_int8_teacher_gives_nearly_the_fp32_teachers_kl(tmp_path, corpus, teachers):
     teacher, _ = teachers
     kl = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "int8"):
         run = tmp_path / dtype
         assert (
             student(corpus, run, teacher, "--teacher", str(teacher), "--set", f"train.distill_teacher_dtype={dtype}")
             == 0
         )
         kl[dtype] = [r["distill_kl"] for r in log_lines(run) if "distill_kl" in r]
-    assert kl["bf16"] != kl["fp32"] and kl["bf16"] == pytest.approx(kl["fp32"], rel=0.05)
+    for dtype in ("bf16", "int8"):
+        assert kl[dtype] != kl["fp32"] and kl[dtype] == pytest.approx(kl["fp32"], rel=0.05), dtype
+
+
+def swapped_tokenizer(teacher, path):
+    """The teacher's tokenizer.json with two ordinary tokens' ids swapped: as many ids, other text behind two."""
+    content = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = content["model"]["vocab"]
+    first, second = (token for token, i in vocab.items() if i in (100, 101))
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["minigrok", "hf"])
+def test_a_teacher_of_another_tokenizer_is_refused_naming_both_files(tmp_path, corpus, teachers, capsys, kind):
+    teacher, _ = teachers
+    source = teacher
+    if kind == "hf":
+        source = tmp_path / "hf"
+        assert main(["export-hf", "--checkpoint", str(teacher), "--out", str(source)]) == 0
+    other = swapped_tokenizer(teacher, tmp_path / "other.json")
+    run = tmp_path / "student"
+    shape = ["--set", "model.dim=32", "--set", "train.max_steps=2", "--teacher", str(source)]
+    assert train(corpus, run, "--tokenizer", str(other), *shape) == 2
+    err = capsys.readouterr().err
+    teacher_file = (source if kind == "hf" else teacher / "ckpt-6") / "tokenizer.json"
+    assert f"--teacher's {teacher_file.resolve()} and the student's {run / 'tokenizer.json'}" in err
+    assert f"vocabularies or merges differ): distil on the teacher's, --tokenizer {teacher_file.resolve()}" in err
+
+
+def test_a_hugging_face_teacher_without_a_tokenizer_is_taken_with_a_warning(tmp_path, corpus, teachers, capsys):
+    teacher, _ = teachers
+    hf = tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(teacher), "--out", str(hf)]) == 0
+    (hf / "tokenizer.json").unlink()
+    assert student(corpus, tmp_path / "student", teacher, "--teacher", str(hf)) == 0
+    assert f"warning: --teacher {hf} has no tokenizer.json, so nothing checks" in capsys.readouterr().err
 
 
 def test_a_hugging_face_teacher_distils_as_its_minigrok_checkpoint(tmp_path, corpus, teachers):

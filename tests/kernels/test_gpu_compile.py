@@ -37,6 +37,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 import minigrok.kernels  # noqa: E402
 from minigrok import MiniGrok, ModelConfig, functional  # noqa: E402
 from minigrok.model import KVCache  # noqa: E402
+from minigrok.quantize import quantize_model  # noqa: E402
 
 
 def _ptxas_missing() -> str | None:
@@ -122,7 +123,8 @@ def recording(modules: dict[str, ModuleType]):
 
 def drive_model(dtype: torch.dtype, head_dim: int, seq_len: int) -> None:
     """A training step and a distillation loss (the model its own teacher), then a prefill and a one-token decode
-    against a KV cache, of a 4:2 GQA model on the kernels."""
+    against a KV cache, of a 4:2 GQA model on the kernels; then the same prefill and decode quantised to int4 and
+    int8 (int4 first: where only the first launch of a kernel is compiled, the one with more to unpack)."""
     overrides = {"dim": 4 * head_dim, "n_heads": 4, "n_kv_heads": 2, "head_dim": head_dim, "n_layers": 1}
     overrides |= {"n_unique_layers": None, "max_seq_len": seq_len + 2}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides | {"backend": "triton"})
@@ -134,10 +136,12 @@ def drive_model(dtype: torch.dtype, head_dim: int, seq_len: int) -> None:
         hidden, model.head_weight, hidden.detach(), model.head_weight.detach(), ids.flatten(), backend="triton"
     )
     distillation.loss.backward()
-    cache = KVCache(config, 1, seq_len + 1, dtype, ids.device)
-    with torch.no_grad():  # not model.generate: the recorded kernels leave their outputs unwritten
-        model(ids[:1], cache=cache)
-        model(ids[:1, :1], cache=cache)
+    quantized = [quantize_model(MiniGrok(config).to(dtype), bits, group) for bits, group in ((4, 32), (8, None))]
+    for decoder in (model, *quantized):
+        cache = KVCache(config, 1, seq_len + 1, dtype, ids.device)
+        with torch.no_grad():  # not model.generate: the recorded kernels leave their outputs unwritten
+            decoder(ids[:1], cache=cache)
+            decoder(ids[:1, :1], cache=cache)
 
 
 # -- configs and compiles ------------------------------------------------------------------------------------------

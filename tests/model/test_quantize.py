@@ -316,3 +316,60 @@ def test_a_tensor_of_the_wrong_dtype_is_refused(saved):
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="'blocks.0.attn.o_proj.qweight' is I8 but its record implies U8"):
         load_quantized(saved, verify=False)
+
+
+@pytest.mark.parametrize(
+    "scheme,share,tied",
+    [
+        ("fp32", "none", True),
+        ("bf16", "cycle", False),
+        ("int8", "none", True),
+        ("int8 + embedding", "cycle", False),
+        ("int4 g64", "all", True),
+        ("int4 g64 + embedding", "none", False),
+    ],
+)
+def test_the_reported_size_of_each_scheme_is_its_saved_checkpoint(tmp_path, scheme, share, tied):
+    n_unique = {"none": 4, "all": 1, "cycle": 2}[share]
+    config = ModelConfig(**CONFIG, share=share, n_unique_layers=n_unique, tie_embeddings=tied)
+    size = MiniGrok(config).report().schemes[scheme]
+    model = MiniGrok(config).eval()
+    if scheme == "bf16":
+        model.bfloat16().save_pretrained(tmp_path)
+    elif scheme == "fp32":
+        model.save_pretrained(tmp_path)
+    else:
+        bits, group_size = (8, None) if scheme.startswith("int8") else (4, 64)
+        save_quantized(quantize_model(model, bits, group_size, scheme.endswith("embedding")), tmp_path)
+    held = sum(t.nbytes for t in model.state_dict().values())
+    assert size.resident_bytes == size.disk_bytes == held
+    file_bytes = (tmp_path / "model.safetensors").stat().st_size
+    assert 0 < file_bytes - size.disk_bytes < 4096  # the safetensors header
+    kv_dtype_bytes = 4 if scheme == "fp32" else 2
+    assert size.kv_bytes_per_token == 2 * config.n_layers * config.n_kv_heads * config.head_dim * kv_dtype_bytes
+
+
+def test_a_scheme_whose_groups_do_not_divide_the_inputs_says_so():
+    report = MiniGrok(ModelConfig(**(CONFIG | {"ffn_dim": 96}))).report()
+    assert report.schemes["int4 g64"] == "group_size=64 does not divide the 96 input features of mlp.down_proj.weight"
+    assert report.schemes["int8"].disk_bytes > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantised_head_decodes_on_its_packed_weight(monkeypatch, tied):
+    torch.manual_seed(0)
+    model = MiniGrok(ModelConfig(**CONFIG, tie_embeddings=tied)).eval()
+    quantized = quantize_model(model, 8, include_embedding=True)
+    head = quantized.embed if tied else quantized.lm_head
+    assert head.kernel("cpu", torch.float32, rows=2) == "int8pack_mm"
+    hidden = torch.randn(2, 1, CONFIG["dim"])
+    expected = hidden.double() @ head.weight.double().T
+    torch.testing.assert_close(quantized.logits(hidden).double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 5))
+    dequantised = []  # generate reads the head's device and dtype once a call; no decoded token dequantises it
+    weight = QuantizedLinear.weight
+    monkeypatch.setattr(QuantizedLinear, "weight", property(lambda self: dequantised.append(self) or weight.fget(self)))
+    quantized.generate(ids, 1, temperature=0)
+    once = len(dequantised)
+    quantized.generate(ids, 8, temperature=0)
+    assert len(dequantised) == 2 * once
