@@ -86,6 +86,11 @@ COMMANDS: dict[str, Command | Group] = {
                 benchmarks.add_bench_generate_arguments,
                 benchmarks.run_bench_generate,
             ),
+            "serve": Command(
+                "requests/s, latency and time to first token of minigrok serve at 1, 4 and 16 concurrent clients",
+                benchmarks.add_bench_serve_arguments,
+                benchmarks.run_bench_serve,
+            ),
             "kernels": Command(
                 "time one op per provider across shapes; table, JSON, CSV and a plot",
                 benchmarks.add_bench_kernels_arguments,

@@ -9,7 +9,9 @@ request, which frees its rows of the cache before the next decode step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -43,6 +45,31 @@ class ApiError(Exception):
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         return JSONResponse({"error": error}, status_code=self.status)
+
+
+class Outbox:
+    """Outputs from the engine's thread to the requests' queues on the event loop: one wakeup of the loop hands over
+    all the outputs that came since the last (a decode step's, for every row), not one wakeup each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pending, self.lock = loop, [], threading.Lock()
+
+    def put(self, queue: asyncio.Queue, output: Output) -> None:
+        with self.lock:
+            self.pending.append((queue, output))
+            if len(self.pending) > 1:  # a handover is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self.hand_over)
+        except RuntimeError:  # the event loop has closed: nobody waits for these outputs any more
+            with self.lock:
+                self.pending.clear()
+
+    def hand_over(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, output in items:
+            queue.put_nowait(output)
 
 
 class StreamOptions(BaseModel):
@@ -197,8 +224,12 @@ def build_app(engine: Engine, model_name: str, chat_template: str, max_request_b
     template = compile_template(chat_template)
     tokenizer, max_seq_len = engine.tokenizer, engine.model.config.max_seq_len
 
+    outbox = None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal outbox
+        outbox = Outbox(asyncio.get_running_loop())
         engine.start()
         yield
         engine.stop()
@@ -257,16 +288,16 @@ def build_app(engine: Engine, model_name: str, chat_template: str, max_request_b
         """Submit the request; answer with one JSON response, or with server-sent events when it streams."""
         temperature = 1.0 if params.temperature is None else params.temperature
         sampling = RowSampling(max_tokens, temperature, None, params.top_p, (tokenizer.eos_id,))
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(output: Output) -> None:  # from the engine's thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, output)
-            except RuntimeError:  # the event loop has closed: nobody waits for this output any more
-                pass
-
+        queue = asyncio.Queue()
         try:
-            job = engine.submit(prompts, sampling, emit, params.n, params.seed, stop_strings(params.stop))
+            job = engine.submit(
+                prompts,
+                sampling,
+                functools.partial(outbox.put, queue),
+                params.n,
+                params.seed,
+                stop_strings(params.stop),
+            )
         except Refused as error:
             raise ApiError(error.status, str(error), error.param, error.code) from None
         choices = len(prompts) * params.n

@@ -1,13 +1,6 @@
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
+from minigrok.bench.serve import free_port, start_server, stop_server
 from minigrok.cli import main
 
 
@@ -27,51 +20,16 @@ def run(tmp_path_factory):
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
-    """`minigrok serve` in a subprocess on a free loopback port; `url` is its /v1 base."""
+    """`minigrok serve` in a subprocess on a free loopback port (fp32, one thread); `url` is its /v1 base."""
 
     def __init__(self, checkpoint, *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        argv = [
-            sys.executable,
-            "-m",
-            "minigrok.cli",
-            "serve",
-            "--checkpoint",
-            str(checkpoint),
-            "--port",
-            str(self.port),
-        ]
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [*argv, "--dtype", "fp32", *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/models", timeout=1).read()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"minigrok serve did not start:\n{self.process.stdout.read()}") from None
-                time.sleep(0.2)
+        self.process = start_server(checkpoint, self.port, ["--dtype", "fp32", *flags], threads=1)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
+    def stop(self) -> int | None:
+        return stop_server(self.process)
 
 
 @pytest.fixture(scope="session")
