@@ -86,7 +86,7 @@ class Parameters(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
     stop: Any = None  # a string or a list of up to 4 strings, checked by stop_strings
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     best_of: int | None = Field(None, ge=1, le=1)

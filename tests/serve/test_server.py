@@ -2,6 +2,9 @@
 
 import http.client
 import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -42,10 +45,10 @@ def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[i
     return response.status, json.loads(response.read())
 
 
-def open_stream(port: int, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """A greedy streaming completion whose first event has arrived."""
+def open_stream(port: int, max_tokens: int, model: str = "tiny-run"):
+    """(connection, response) of a greedy streaming completion whose first event has arrived."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    body = {"model": "tiny-run", "prompt": "def ", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": "def ", "max_tokens": max_tokens, "temperature": 0, "stream": True}
     connection.request("POST", "/v1/completions", json.dumps(body))
     response = connection.getresponse()
     assert response.readline().startswith(b"data: ")
@@ -168,9 +171,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert state["cancelled"] == before + 1 and state["active"] == 0
 
 
-def test_sigterm_finishes_the_requests_in_flight(run):
-    server = Server(run, "--shutdown-timeout", "20")
-    connection, response = open_stream(server.port, max_tokens=100)
+def test_a_stored_chat_template_and_sigterm_finishing_the_requests_in_flight(run, tmp_path, capsys):
+    """A checkpoint with its own chat_template.json is served with it; SIGTERM lets the stream under way finish."""
+    checkpoint = tmp_path / "chat-run"
+    shutil.copytree(sorted(run.glob("ckpt-*"))[-1], checkpoint)
+    template = "{% for m in messages %}<{{ m.role }}> {{ m.content | upper }}\n{% endfor %}<assistant>"
+    (checkpoint / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    server = Server(checkpoint, "--shutdown-timeout", "20")
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "def f"}]
+    reply = client.chat.completions.create(model="chat-run", messages=messages, max_tokens=20, temperature=0)
+    assert reply.choices[0].message.content == generated(checkpoint, capsys, "<user> DEF F\n<assistant>", 20)
+    connection, response = open_stream(server.port, max_tokens=100, model="chat-run")
     server.process.terminate()
     rest = response.read().decode()
     assert rest.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in rest
@@ -178,3 +190,8 @@ def test_sigterm_finishes_the_requests_in_flight(run):
     server.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.url}/models", timeout=2)
+
+
+def test_importing_minigrok_and_its_cli_loads_no_server():
+    code = "import sys, minigrok, minigrok.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
