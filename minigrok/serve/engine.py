@@ -31,7 +31,7 @@ from ..model import KVCache
 
 class Refused(ValueError):
     """A request the engine cannot take: the message names the field, the value and the fix; `status` is the HTTP
-    status it answers to (400 invalid, 429 the queue is full)."""
+    status it answers to (400 invalid, 429 the queue is full, 503 shutting down)."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)
@@ -158,6 +158,8 @@ class Engine:
             text = TextStream(self.tokenizer, stop)
             sequences.append(Sequence(job, index, prompts[index // n], sampling, generator, text))
         with self.condition:
+            if self.stopping:
+                raise Refused("the server is shutting down: retry on another", code="shutting_down", status=503)
             if len(self.waiting) + len(sequences) > self.max_queue:
                 raise Refused(
                     f"the server is busy: {len(self.waiting)} sequences wait for a slot and this request adds "

@@ -1,5 +1,7 @@
 """The continuous-batching engine, without HTTP: requests joining a running batch generate what each would alone."""
 
+import threading
+
 import pytest
 import torch
 
@@ -133,3 +135,41 @@ def test_cancelled_and_refused_requests(model):
     with pytest.raises(Refused, match="--max-queue=3") as refused:
         engine.submit([[1]], RowSampling(2), collect(outputs, "d"), n=4)
     assert refused.value.status == 429
+
+
+def test_a_failed_step_ends_its_requests_and_the_loop_goes_on(model, monkeypatch):
+    """In the background thread: a decode step that raises ends the requests in it with an error output; the next
+    request is served as usual; after stop, requests are refused."""
+    from minigrok.serve import engine as engine_module
+
+    tokenizer, failures = byte_tokenizer(), [RuntimeError("out of memory")]
+    real = engine_module.decode_logits
+
+    def decode_logits(*args):
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "decode_logits", decode_logits)
+    engine = Engine(model, tokenizer, max_batch=4)
+    engine.start()
+    done, outputs = threading.Event(), []
+
+    def emit(output):
+        outputs.append(output)
+        if output.finish_reason:
+            done.set()
+
+    engine.submit([list(b"def ")], RowSampling(10, temperature=0), emit)
+    assert done.wait(30)
+    assert outputs[-1].finish_reason == "error" and "generation failed: out of memory" in outputs[-1].error
+    done.clear()
+    outputs.clear()
+    engine.submit([list(b"def ")], RowSampling(10, temperature=0), emit)
+    assert done.wait(30)
+    expected = [t for t in alone(model, list(b"def "), 10, temperature=0) if t < 256]
+    assert "".join(o.text for o in outputs) == tokenizer.decode(expected) and outputs[-1].finish_reason == "length"
+    engine.stop()
+    assert not engine.thread.is_alive()
+    with pytest.raises(Refused, match="shutting down"):
+        engine.submit([[1]], RowSampling(2), emit)

@@ -195,3 +195,8 @@ def test_a_stored_chat_template_and_sigterm_finishing_the_requests_in_flight(run
 def test_importing_minigrok_and_its_cli_loads_no_server():
     code = "import sys, minigrok, minigrok.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_serve_refuses_a_zero_limit(run, capsys):
+    assert main(["serve", "--checkpoint", str(run), "--max-batch", "0"]) == 2
+    assert "--max-batch=0 must be at least 1" in capsys.readouterr().err
