@@ -41,7 +41,8 @@ def run_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from ..serve.app import build_app, load_chat_template
+        from ..serve.app import build_app
+        from ..serve.protocol import load_chat_template
     except ImportError as error:
         raise ValueError(f"minigrok serve needs the serve extra ({error}): pip install 'minigrok[serve]'") from None
     from ..serve.engine import Engine
