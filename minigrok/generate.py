@@ -144,23 +144,45 @@ def check_finite(logits: torch.Tensor, index: int) -> None:
         )
 
 
-def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int) -> tuple[torch.Tensor, KVCache]:
-    """Run the right-padded prompts through the model into a fresh cache; the logits [B, V] after each prompt."""
-    from .model import KVCache
+def cache_dtype(model: MiniGrok) -> torch.dtype:
+    """The dtype a KV cache holds: under autocast k and v come out in the autocast dtype (as attention wants q's)."""
+    device = model.head_weight.device
+    autocast = torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if autocast else model.head_weight.dtype
 
+
+def prefill_rows(model: MiniGrok, prompts: list[torch.Tensor], cache: KVCache) -> torch.Tensor:
+    """Run the right-padded prompts through the model into an empty cache of one row each; the logits [B, V] after
+    each prompt."""
     device = model.head_weight.device
     lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
     padded = torch.zeros(len(prompts), max(len(prompt) for prompt in prompts), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
-    # Under autocast k and v come out in the autocast dtype: the cache holds them so, as attention wants q's dtype.
-    autocast = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else model.head_weight.dtype
-    cache = KVCache(model.config, len(prompts), max_len, dtype, device)
     hidden = model.hidden_states(padded, cache)
     cache.lengths.copy_(lengths)  # each row goes on after its own last prompt token
     last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
-    return model.logits(last), cache
+    return model.logits(last)
+
+
+def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int) -> tuple[torch.Tensor, KVCache]:
+    """Run the right-padded prompts through the model into a fresh cache; the logits [B, V] after each prompt."""
+    from .model import KVCache
+
+    cache = KVCache(model.config, len(prompts), max_len, cache_dtype(model), model.head_weight.device)
+    return prefill_rows(model, prompts, cache), cache
+
+
+def sampling_tensors(rows: list[RowSampling], vocab: int, device: torch.device) -> tuple:
+    """sample_next's temperature, top_k and top_p for `rows`: a [B] tensor each, or one plain value where every row
+    agrees (greedy needs no sort or noise, a full top_k or top_p none)."""
+    temperature = [row.temperature for row in rows]
+    temperature = 0 if not any(temperature) else torch.tensor(temperature, dtype=torch.float32, device=device)
+    top_k = [vocab if row.top_k is None else row.top_k for row in rows]
+    top_k = None if min(top_k) >= vocab else torch.tensor(top_k, device=device)
+    top_p = [1.0 if row.top_p is None else row.top_p for row in rows]
+    top_p = None if min(top_p) >= 1 else torch.tensor(top_p, dtype=torch.float32, device=device)
+    return temperature, top_k, top_p
 
 
 def check_lengths(model: MiniGrok, prompts: list[torch.Tensor], rows: list[RowSampling], whose: str = "") -> None:
@@ -173,18 +195,6 @@ def check_lengths(model: MiniGrok, prompts: list[torch.Tensor], rows: list[RowSa
                 f"prompt of {len(prompt)} tokens + max_new_tokens={row.max_new_tokens} exceeds {whose}max_seq_len="
                 f"{model.config.max_seq_len}: lower max_new_tokens to at most {model.config.max_seq_len - len(prompt)}"
             )
-
-
-def sampling_tensors(rows: list[RowSampling], vocab: int, device: torch.device) -> tuple:
-    """(temperature, top_k, top_p) of the rows for sample_next: [B] tensors, or one plain value where every row
-    agrees (greedy needs no sort or noise)."""
-    temperature = [row.temperature for row in rows]
-    temperature = 0 if not any(temperature) else torch.tensor(temperature, dtype=torch.float32, device=device)
-    top_k = [vocab if row.top_k is None else row.top_k for row in rows]
-    top_k = None if min(top_k) >= vocab else torch.tensor(top_k, device=device)
-    top_p = [1.0 if row.top_p is None else row.top_p for row in rows]
-    top_p = None if min(top_p) >= 1 else torch.tensor(top_p, dtype=torch.float32, device=device)
-    return temperature, top_k, top_p
 
 
 def stream_rows(
@@ -215,8 +225,8 @@ def stream_rows(
     needed = max(len(prompt) + row.max_new_tokens for prompt, row in zip(prompts, rows, strict=True))
     logits, cache = prefill(model, prompts, cache_length(needed, model.config.max_seq_len))
     check_finite(logits, 0)
-    device = logits.device
-    temperature, top_k, top_p = sampling_tensors(rows, logits.shape[-1], device)
+    device, vocab = logits.device, logits.shape[-1]
+    temperature, top_k, top_p = sampling_tensors(rows, vocab, device)
     width = max(1, *(len(row.stop_tokens) for row in rows))
     stops = torch.tensor([[*row.stop_tokens, *[-1] * (width - len(row.stop_tokens))] for row in rows], device=device)
     budget = torch.tensor([row.max_new_tokens for row in rows], device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,16 @@ class KVCache:
     def advance(self, length: int) -> None:
         self.lengths += length
         self.empty = False
+
+    def slots(self, start: int, stop: int) -> KVCache:
+        """Rows start .. stop - 1 as a cache of their own that shares these buffers: a forward through it reads and
+        writes those rows alone (a decode step of the busy rows, a prefill into free ones) while the others keep
+        their state."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.lengths, view.rows = self.lengths[start:stop], self.rows[: stop - start]
+        view.empty = False
+        return view
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Empty the given rows (all by default): their stale keys are masked out until overwritten."""

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from . import benchmarks, inference, models, training
+from . import benchmarks, inference, models, serving, training
 from .inference import inference_dtype
 
 __all__ = ["COMMANDS", "build_parser", "inference_dtype", "main"]
@@ -62,6 +62,11 @@ COMMANDS: dict[str, Command | Group] = {
     "eval": Command(
         "loss and bits per byte of a checkpoint on a corpus", inference.add_eval_arguments, inference.run_eval
     ),
+    "serve": Command(
+        "an OpenAI-compatible HTTP server with continuous batching (the serve extra)",
+        serving.add_serve_arguments,
+        serving.run_serve,
+    ),
     "plot": Command("PNG of train/val curves of one or more runs", training.add_plot_arguments, training.run_plot),
     "bench": Group(
         "benchmarks",
@@ -80,6 +85,11 @@ COMMANDS: dict[str, Command | Group] = {
                 "greedy decode tokens/s, prefill and first-token latency, optionally against transformers' Llama",
                 benchmarks.add_bench_generate_arguments,
                 benchmarks.run_bench_generate,
+            ),
+            "serve": Command(
+                "requests/s, latency and time to first token of minigrok serve at 1, 4 and 16 concurrent clients",
+                benchmarks.add_bench_serve_arguments,
+                benchmarks.run_bench_serve,
             ),
             "kernels": Command(
                 "time one op per provider across shapes; table, JSON, CSV and a plot",

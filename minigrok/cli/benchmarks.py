@@ -1,5 +1,5 @@
-"""`minigrok bench train`, `bench generate`, `bench data` and `bench kernels`: training and generation speed
-against baselines, the corpus encoder and batch sampler, and one op across shapes."""
+"""`minigrok bench train`, `bench generate`, `bench data`, `bench serve` and `bench kernels`: training and generation
+speed against baselines, the corpus encoder and batch sampler, the server under load, and one op across shapes."""
 
 from __future__ import annotations
 
@@ -237,6 +237,44 @@ def run_bench_generate(args: argparse.Namespace) -> None:
             "minigrok bench generate: error: speculative greedy tokens differ from the target's alone", file=sys.stderr
         )
         raise SystemExit(1)
+
+
+def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, help="serve this checkpoint or run (default: --config, random)")
+    add_config_arguments(parser)
+    add_dtype_argument(parser)
+    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="clients at once, e.g. 1,4,16")
+    parser.add_argument("--requests", type=int, default=32, help="streaming completions at each concurrency")
+    parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens asked for per request")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per concurrency to start requests in")
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+
+
+def run_bench_serve(args: argparse.Namespace) -> None:
+    """Print the load test's figures per concurrency, and write them to --json."""
+    from ..bench.serve import bench_serve
+    from ..config import build_model_config
+    from ..files import write_json
+
+    config = None if args.checkpoint else build_model_config(args.config, args.set)
+    result = bench_serve(
+        args.checkpoint,
+        config,
+        tuple(args.concurrency),
+        args.requests,
+        args.max_tokens,
+        args.time_limit,
+        args.dtype,
+        args.threads,
+    )
+    for level in result["levels"]:
+        print_figures(level)
+        print()
+    if "throughput_16_vs_1" in result:
+        print_figures({"throughput_16_vs_1": result["throughput_16_vs_1"]})
+    if args.json:
+        write_json(args.json, result)
 
 
 def add_bench_kernels_arguments(parser: argparse.ArgumentParser) -> None:
