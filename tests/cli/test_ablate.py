@@ -4,10 +4,13 @@ one and retrains a deleted one to the same figures; bad grids refused before any
 
 import csv
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,11 +23,19 @@ SMALL += ["train.dtype=fp32", "train.peak_flops=1e11"]  # nothing measured at st
 RUNS = ["n_kv_heads=1,seed=1", "n_kv_heads=1,seed=2", "n_kv_heads=2,seed=1", "n_kv_heads=2,seed=2"]
 
 
+def command(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "minigrok.cli",
+        "ablate",
+        *args,
+        *(part for pair in SMALL for part in ("--set", pair)),
+    ]
+
+
 def ablate(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "minigrok.cli", "ablate", *args]
-    for pair in SMALL:
-        command += ["--set", pair]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command(*args), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -84,6 +95,29 @@ def test_ablation_table_then_a_rerun_skips_resumes_and_reproduces(corpus, tmp_pa
     assert {name: final_bpb(out / name) for name in RUNS} == before  # resumed and retrained runs to the bit
     assert [r["step"] for r in records(interrupted) if "val_bpb" in r] == [4, 8]
     check_results(out)
+
+
+def test_ctrl_c_stops_the_running_run_at_a_checkpoint_and_says_how_to_continue(corpus, tmp_path):
+    out = tmp_path / "ablation"
+    grid = ["--base", "tiny", "--vary", "model.n_kv_heads=1,2", "--budget", "steps=100000", "--threads", "1"]
+    process = subprocess.Popen(
+        command(*grid, "--data", str(corpus), "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    log, deadline = out / "n_kv_heads=1,seed=0" / "log.jsonl", time.monotonic() + 120
+    while not (log.is_file() and '"loss"' in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: to the ablation and the run it trains
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "ablation stopped" in err and "rerun the same minigrok ablate command to continue" in err
+    from minigrok.train.ablate import run_state
+
+    assert run_state(log.parent) == "interrupted"  # a checkpoint of the step it stopped at, to resume from
+    assert (out / "tokenizer.json").is_file() and not (out / "results.md").exists()
 
 
 @pytest.mark.parametrize(
