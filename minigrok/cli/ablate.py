@@ -110,8 +110,8 @@ def train(command: list[str], threads: int | None, run_dir: Path) -> None:
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         raise TrainingStopped(
             code - 128,
-            f"ablation stopped: {run_dir} saved a checkpoint; rerun the same minigrok ablate command to continue "
-            "(finished runs are skipped, this one resumes)",
+            f"ablation stopped in {run_dir}: rerun the same minigrok ablate command to continue (finished runs are "
+            "skipped; this one resumes from its newest checkpoint, or starts over if it has none)",
         )
     if code:
         raise ChildProcessError(
