@@ -219,6 +219,12 @@ class TrainConfig:
             limits.append(max(1, self.max_tokens // self.tokens_per_step))
         return min(limits) if limits else None
 
+    def budget_spent(self, step: int, elapsed: float) -> bool:
+        """Whether a run at `step` after `elapsed` seconds of training has reached the end of its budget."""
+        return (self.total_steps is not None and step >= self.total_steps) or (
+            self.max_minutes is not None and elapsed >= 60 * self.max_minutes
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -416,10 +416,7 @@ class Trainer:
         return loss_value, grad_norm
 
     def done(self) -> bool:
-        config = self.config
-        return (config.total_steps is not None and self.step >= config.total_steps) or (
-            config.max_minutes is not None and self.elapsed() >= 60 * config.max_minutes
-        )
+        return self.config.budget_spent(self.step, self.elapsed())
 
     def run_eval(self) -> dict:
         metrics = evaluate(
