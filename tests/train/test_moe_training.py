@@ -50,3 +50,10 @@ def test_the_step_gradient_is_the_cross_entropy_plus_the_weighted_router_losses(
             parts.append(initial.router_losses())
     for key, index in (("moe_aux_loss", 0), ("moe_z_loss", 1)):
         assert step[key] == pytest.approx(sum(part[index].item() for part in parts) / 2, rel=1e-5)
+
+
+def test_qat_refuses_a_moe_model(data, tmp_path):
+    model = MiniGrok(ModelConfig(**MODEL, n_experts=4))
+    config = TrainConfig(batch_size=2, seq_len=24, max_steps=1, dtype="fp32", qat="int8")
+    with pytest.raises(ValueError, match="n_experts=4: quantisation does not handle mixture-of-experts models"):
+        Trainer(model, config, data, byte_tokenizer(), tmp_path / "run", progress=False)
