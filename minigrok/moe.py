@@ -64,11 +64,8 @@ class MoE(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, config.dim))
         self.down_proj = nn.Parameter(torch.empty(experts, config.dim, hidden))
         self.shared = shared
-        self.k, self.capacity_factor, self.backend = (
-            config.experts_per_token,
-            config.moe_capacity_factor,
-            config.backend,
-        )
+        self.k, self.capacity_factor = config.experts_per_token, config.moe_capacity_factor
+        self.backend = config.backend
         self.losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (balance, z) of each forward; the model clears it
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
