@@ -3,7 +3,8 @@
 Routing: softmax over all experts' logits, the k largest probabilities kept as the weights, not renormalised (as in
 Switch/GShard: with k = 1 the router still gets a gradient through the output). Tokens are sorted by expert
 (a stable argsort, so ties keep token order and routing is deterministic) and each expert multiplies its own
-contiguous slice: one matmul per expert on CPU, one `torch._grouped_mm` over all slices on CUDA in bf16; under
+contiguous slice: one matmul per expert on CPU, one `torch._grouped_mm` over all slices on CUDA in bf16 (weights or
+autocast); under
 torch.compile without gradients (generate's decode step is one static graph) each token gathers its experts' weights.
 
 A capacity factor c caps each expert at ceil(c * tokens * k / n_experts) assignments in training; the later tokens
@@ -36,20 +37,27 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, 
     """
     if how == "gather":
         return torch.bmm(weight[experts], x[:, :, None]).squeeze(-1)
-    if how == "grouped":
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    if how == "grouped":  # autocast passes _grouped_mm by: cast to its dtype here
+        dtype = matmul_dtype(x)
+        return torch._grouped_mm(x.to(dtype), weight.to(dtype).transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     slices = x.split(counts.tolist())
     return torch.cat([rows @ weight[expert].T for expert, rows in enumerate(slices)])
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on (mixed-precision training), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def matmul_kind(x: torch.Tensor, hidden: int) -> str:
     """How the experts multiply (see expert_matmul): gathered in a compiled inference step (generate's decode step is
-    one static graph), one torch._grouped_mm on CUDA in bf16 with 16-byte aligned rows, else one matmul per expert
+    one static graph), one torch._grouped_mm on CUDA in bf16 (or bf16 autocast) with 16-byte aligned rows, else one matmul per expert
     (compiled training breaks its graph there)."""
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
         return "gather"
     aligned = x.shape[-1] % 8 == 0 and hidden % 8 == 0
-    grouped = x.is_cuda and x.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
+    grouped = x.is_cuda and matmul_dtype(x) == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
     return "grouped" if grouped else "loop"
 
 

@@ -254,3 +254,25 @@ def test_a_ragged_batch_generates_what_each_prompt_generates_alone():
     prompts = [torch.randint(0, 97, (length,)).tolist() for length in (3, 11, 6)]
     batch = model.generate_batch(prompts, max_new_tokens=7, temperature=0)
     assert batch == [model.generate_batch([prompt], max_new_tokens=7, temperature=0)[0] for prompt in prompts]
+
+
+def test_the_grouped_mm_path_runs_in_the_autocast_dtype(monkeypatch):
+    """Autocast leaves torch._grouped_mm in fp32: the layer casts to bf16 itself, and matches the per-expert path."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    rows, weight = torch.randn(9, 32), torch.randn(3, 16, 32)
+    experts, counts = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 2]), torch.tensor([4, 0, 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        product = moe.expert_matmul(rows, weight, experts, counts, "grouped")
+    assert product.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        product, torch.cat([rows[:4].bfloat16() @ weight[0].bfloat16().T, rows[4:].bfloat16() @ weight[2].bfloat16().T])
+    )
+    layer = make_layer(moe_config(dim=32, moe_ffn_dim=16, n_heads=4), seed=9)
+    x = torch.randn(2, 13, 32)
+    outputs = {}
+    for how in ("grouped", "loop"):
+        monkeypatch.setattr(moe, "matmul_kind", lambda x, hidden, how=how: how)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[how] = layer(x).float()
+    torch.testing.assert_close(outputs["grouped"], outputs["loop"], rtol=0, atol=1e-2)
