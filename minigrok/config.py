@@ -193,6 +193,18 @@ class ModelConfig:
     """standard deviation of the normal weight init (residual projections scaled by 1/sqrt(2 * n_layers))"""
     backend: str = "auto"
     """implementation of the ops: auto (Triton on CUDA when installed, else PyTorch), torch or triton"""
+    n_experts: int = 0
+    """experts of a mixture-of-experts MLP (0 = every MLP dense)"""
+    experts_per_token: int = 2
+    """with n_experts: experts each token is routed to (top-k)"""
+    moe_shared_expert: bool = False
+    """with n_experts: every token also goes through one dense MLP of moe_ffn_dim"""
+    moe_layers: str = "M"
+    """with n_experts: which physical blocks have an MoE MLP, M (MoE) or D (dense) each, repeated over the blocks"""
+    moe_ffn_dim: int | None = None
+    """with n_experts: hidden width of each expert (null = ffn_dim)"""
+    moe_capacity_factor: float | None = None
+    """with n_experts: in training, cap each expert at factor * tokens * k / n_experts tokens (null = dropless)"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -228,6 +240,7 @@ class ModelConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={show(self.backend)} is unknown: choose one of {BACKENDS}")
         self._resolve_sharing()
+        self._check_moe()
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -256,6 +269,40 @@ class ModelConfig:
                 f"n_unique_layers={self.n_unique_layers} does not divide n_layers={self.n_layers} for "
                 f"share={show(self.share)}: choose one of {divisors_of(self.n_layers)}"
             )
+
+    def _check_moe(self) -> None:
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise ConfigError(f"n_experts={show(self.n_experts)} must be 0 (dense) or a positive integer")
+        if self.moe_ffn_dim is None:
+            self.moe_ffn_dim = self.ffn_dim
+        if not self.n_experts:
+            return
+        self._check_positive_int("experts_per_token")
+        self._check_positive_int("moe_ffn_dim")
+        if self.experts_per_token > self.n_experts:
+            raise ConfigError(
+                f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}: "
+                f"choose experts_per_token from 1 to {self.n_experts}"
+            )
+        if not isinstance(self.moe_shared_expert, bool):
+            raise ConfigError(f"moe_shared_expert={show(self.moe_shared_expert)} must be true or false")
+        pattern = self.moe_layers
+        if not isinstance(pattern, str) or not re.fullmatch("[DM]+", pattern) or self.n_unique_layers % len(pattern):
+            raise ConfigError(
+                f"moe_layers={show(pattern)} must be a string of D (dense) and M (MoE) whose length divides "
+                f"n_unique_layers={self.n_unique_layers}, e.g. 'M' (every block) or 'DM' (every second)"
+            )
+        factor = self.moe_capacity_factor
+        if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0):
+            raise ConfigError(
+                f"moe_capacity_factor={show(factor)} must be a positive number such as 1.25, or null (dropless)"
+            )
+
+    def moe_blocks(self) -> list[bool]:
+        """Whether each physical block's MLP is a mixture of experts (moe_layers repeated over the blocks)."""
+        if not self.n_experts:
+            return [False] * self.n_unique_layers
+        return [self.moe_layers[i % len(self.moe_layers)] == "M" for i in range(self.n_unique_layers)]
 
     def layer_blocks(self) -> list[int]:
         """The physical block used at each logical layer position."""

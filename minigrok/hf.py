@@ -90,6 +90,11 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
 def export_hf(model: MiniGrok, directory: str | Path) -> None:
     """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads."""
     config, state = model.config, model.state_dict()
+    if config.n_experts:
+        raise ValueError(
+            f"n_experts={config.n_experts}: the Llama layout has dense MLPs only, so a mixture-of-experts model "
+            "cannot be exported; export a dense model (n_experts=0)"
+        )
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
     part_rows = _part_rows(config)

@@ -16,6 +16,7 @@ from . import functional
 from .config import ModelConfig
 from .generate import generate_batch, stream
 from .machine import reading_back_is_free
+from .moe import MoE
 
 if TYPE_CHECKING:
     from .speculative import SpeculativeStats
@@ -152,10 +153,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one fused projection."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        ffn_dim = config.ffn_dim if ffn_dim is None else ffn_dim
+        self.gate_up_proj = nn.Linear(config.dim, 2 * ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, config.dim, bias=False)
         self.backend = config.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,19 +172,20 @@ CHECKPOINTING = ("none", "full", "selective")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)).
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); with `moe` the MLP is a mixture of experts.
 
     `checkpointing` (see CHECKPOINTING) trades compute for memory with non-reentrant torch.utils.checkpoint. The
     checkpoints are taken inside forward, so hooks on the block itself (FSDP's unshard) run once per call, outside
     the recomputed region.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
-        self.mlp = MLP(config)
+        shared = MLP(config, config.moe_ffn_dim) if moe and config.moe_shared_expert else None
+        self.mlp = MoE(config, shared) if moe else MLP(config)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, checkpointing: str = "none") -> torch.Tensor:
         if checkpointing == "full":
@@ -206,25 +209,38 @@ class Block(nn.Module):
         return x + self.mlp(normed)
 
 
-def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of one block's tensors (all blocks are alike), in the order Block registers them."""
+def block_shapes(config: ModelConfig, moe: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of one block's tensors (a dense block, or with `moe` an MoE one), in the order Block registers
+    them."""
     dim, head_dim = config.dim, config.head_dim
-    return {
+    shapes = {
         "attn_norm.weight": (dim,),
         "attn.qkv_proj.weight": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, dim),
         "attn.o_proj.weight": (dim, config.n_heads * head_dim),
         "mlp_norm.weight": (dim,),
-        "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
-        "mlp.down_proj.weight": (dim, config.ffn_dim),
     }
+    if not moe:
+        return shapes | {
+            "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
+            "mlp.down_proj.weight": (dim, config.ffn_dim),
+        }
+    experts, hidden = config.n_experts, config.moe_ffn_dim
+    shapes |= {
+        "mlp.gate_up_proj": (experts, 2 * hidden, dim),
+        "mlp.down_proj": (experts, dim, hidden),
+        "mlp.router.weight": (experts, dim),
+    }
+    if config.moe_shared_expert:
+        shapes |= {"mlp.shared.gate_up_proj.weight": (2 * hidden, dim), "mlp.shared.down_proj.weight": (dim, hidden)}
+    return shapes
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of MiniGrok(config).state_dict(), by arithmetic alone: a checkpoint is checked
     against its config before anything is built or allocated."""
     shapes = {"embed.weight": (config.vocab_size, config.dim)}
-    for index in range(config.n_unique_layers):
-        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config).items()}
+    for index, moe in enumerate(config.moe_blocks()):
+        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config, moe).items()}
     shapes["norm.weight"] = (config.dim,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, config.dim)
@@ -242,7 +258,7 @@ class MiniGrok(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_unique_layers))
+        self.blocks = nn.ModuleList(Block(config, moe) for moe in config.moe_blocks())
         self.layer_blocks = config.layer_blocks()
         self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -255,7 +271,7 @@ class MiniGrok(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(param, std=std)
@@ -319,6 +335,9 @@ class MiniGrok(nn.Module):
             cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         else:
             cos, sin = cache.start(input_ids.shape[1])
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):
+                block.mlp.losses.clear()
         x = self.embed(input_ids)
         checkpointing = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
         if checkpointing not in CHECKPOINTING:
@@ -328,6 +347,16 @@ class MiniGrok(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.norm(x)
+
+    def router_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The MoE layers' load-balancing and z losses of the last forward, each a mean over the MoE layer positions
+        run (None for a dense model): what training adds, weighted by train.moe_aux_loss_weight and moe_z_loss_weight.
+        """
+        losses = [loss for block in self.blocks if isinstance(block.mlp, MoE) for loss in block.mlp.losses]
+        if not losses:
+            return None
+        balance, z = zip(*losses, strict=True)
+        return torch.stack(balance).mean(), torch.stack(z).mean()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head: vocabulary logits of hidden states [..., dim]; a quantised head multiplies its packed weight."""

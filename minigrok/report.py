@@ -1,7 +1,8 @@
 """Sizes and costs of a model: parameters, FLOPs per token, KV-cache and checkpoint bytes.
 
 FLOPs per token, with N_matmul the weights that multiply activations (every projection at every layer position,
-and the output head, tied or not), T the context and d_attn = n_heads * head_dim:
+and the output head, tied or not; of an MoE MLP the router, the shared expert and experts_per_token of the experts),
+T the context and d_attn = n_heads * head_dim:
     forward  = 2 * N_matmul + 4 * n_layers * T * d_attn * 1/2    (QK^T and AV; causal: half the keys on average)
     training = 3 * forward                                      (the backward costs twice the forward)
 MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
@@ -46,6 +47,7 @@ class ModelReport:
     """Counts as the module docstring gives them: a shared block counts once per position in FLOPs and `total_params`."""
 
     total_params: int  # parameters as the forward pass sees them: shared blocks once per position
+    active_params: int  # of total_params, those one token uses: of each MoE MLP only its experts_per_token experts
     unique_params: int  # parameters stored: shared blocks and tied tensors once
     non_embedding_params: int  # unique parameters minus the token embedding and an untied output head
     context: int
@@ -68,8 +70,10 @@ class ModelReport:
         return rows
 
     def __str__(self) -> str:
+        sparse = self.active_params != self.total_params  # a mixture of experts: a token uses some of them
         rows = [
             ("total parameters", f"{self.total_params:,}"),
+            *([("active parameters / token", f"{self.active_params:,}")] if sparse else []),
             ("unique parameters", f"{self.unique_params:,}"),
             ("non-embedding parameters", f"{self.non_embedding_params:,}"),
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
@@ -89,15 +93,25 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     context = config.max_seq_len if context is None else context
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
-    block = block_shapes(config)
-    block_params = sum(math.prod(shape) for shape in block.values())
-    block_matmul = sum(math.prod(shape) for name, shape in block.items() if name.endswith("proj.weight"))
+    moe_blocks = config.moe_blocks()
+    kinds = {moe: block_shapes(config, moe) for moe in set(moe_blocks)}
+    params = {moe: sum(math.prod(shape) for shape in block.values()) for moe, block in kinds.items()}
+
+    def used(shape: tuple[int, ...]) -> int:  # the weights of a tensor one token uses: k of the n_experts stacked
+        return math.prod(shape) * config.experts_per_token // config.n_experts if len(shape) == 3 else math.prod(shape)
+
+    active = {moe: sum(used(shape) for shape in block.values()) for moe, block in kinds.items()}
+    matmul = {
+        moe: sum(used(s) for n, s in block.items() if not n.endswith("norm.weight")) for moe, block in kinds.items()
+    }
+    positions = [moe_blocks[index] for index in config.layer_blocks()]
     embedding = config.vocab_size * config.dim
     head = 0 if config.tie_embeddings else embedding
-    final_norm = config.dim
-    unique = block_params * config.n_unique_layers + embedding + head + final_norm
-    total = block_params * config.n_layers + embedding + head + final_norm  # shared blocks once per position
-    matmul_params = block_matmul * config.n_layers + embedding  # the head, tied or not
+    outside = embedding + head + config.dim  # and the final norm
+    unique = sum(params[moe] for moe in moe_blocks) + outside
+    total = sum(params[moe] for moe in positions) + outside  # shared blocks once per position
+    active_params = sum(active[moe] for moe in positions) + outside
+    matmul_params = sum(matmul[moe] for moe in positions) + embedding  # the head, tied or not
     attention_dim = config.n_heads * config.head_dim
     # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average.
     attention_flops = 2 * 2 * config.n_layers * context * attention_dim // 2
@@ -105,6 +119,7 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim
     return ModelReport(
         total_params=total,
+        active_params=active_params,
         unique_params=unique,
         non_embedding_params=unique - embedding - head,
         context=context,
@@ -135,9 +150,13 @@ def scheme_size(
     outside = {"embed.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,)}
     if not config.tie_embeddings:
         outside["lm_head.weight"] = (config.vocab_size, config.dim)
+    if quantization is not None and config.n_experts:
+        return "minigrok quantize does not handle mixture-of-experts models"
     try:
-        block = sum(size(name, shape) for name, shape in block_shapes(config).items())
-        total = block * config.n_unique_layers + sum(size(name, shape) for name, shape in outside.items())
+        blocks = sum(
+            size(name, shape) for moe in config.moe_blocks() for name, shape in block_shapes(config, moe).items()
+        )
+        total = blocks + sum(size(name, shape) for name, shape in outside.items())
     except ValueError as error:
         return str(error).split(":")[0]
     kv_bytes = kv_per_token * DTYPE_BYTES["fp32" if dtype == "fp32" and bits is None else "bf16"]
