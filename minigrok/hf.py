@@ -90,6 +90,11 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
 def export_hf(model: MiniGrok, directory: str | Path) -> None:
     """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads."""
     config, state = model.config, model.state_dict()
+    if "C" in config.layer_kinds():
+        raise ValueError(
+            f"layer_pattern={config.layer_pattern!r} has convolution (C) layers, which the Llama layout cannot hold: "
+            "only models with layer_pattern='A' export to Hugging Face"
+        )
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
     part_rows = _part_rows(config)

@@ -2,7 +2,8 @@
 
 FLOPs per token, with N_matmul the weights that multiply activations (every projection at every layer position,
 and the output head, tied or not), T the context and d_attn = n_heads * head_dim:
-    forward  = 2 * N_matmul + 4 * n_layers * T * d_attn * 1/2    (QK^T and AV; causal: half the keys on average)
+    forward  = 2 * N_matmul + 4 * n_attention_layers * T * d_attn * 1/2   (QK^T and AV; causal: half the keys)
+               + 2 * n_conv_layers * conv_kernel_size * dim                  (the depthwise taps of C layers)
     training = 3 * forward                                      (the backward costs twice the forward)
 MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
 
@@ -51,7 +52,8 @@ class ModelReport:
     context: int
     forward_flops_per_token: int  # 2 * matmul params + causal attention at `context`
     train_flops_per_token: int  # three times the forward
-    kv_cache_bytes_per_token: dict[str, int]
+    kv_cache_bytes_per_token: dict[str, int]  # keys and values of the attention layers
+    conv_state_bytes: dict[str, int]  # per sequence, whatever its length: the last k - 1 inputs of each conv layer
     checkpoint_bytes: dict[str, int]
     schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
 
@@ -75,6 +77,7 @@ class ModelReport:
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
             *((f"KV cache bytes / token ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
+            *((f"conv state bytes / sequence ({d})", f"{b:,}") for d, b in self.conv_state_bytes.items() if b),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
             *self.scheme_rows(),
         ]
@@ -89,20 +92,26 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     context = config.max_seq_len if context is None else context
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
-    block = block_shapes(config)
-    block_params = sum(math.prod(shape) for shape in block.values())
-    block_matmul = sum(math.prod(shape) for name, shape in block.items() if name.endswith("proj.weight"))
+    blocks = {kind: block_shapes(config, kind) for kind in set(config.layer_kinds())}
+    params = {kind: sum(math.prod(shape) for shape in block.values()) for kind, block in blocks.items()}
+    matmul = {
+        kind: sum(math.prod(shape) for name, shape in block.items() if name.endswith("proj.weight"))
+        for kind, block in blocks.items()
+    }
     embedding = config.vocab_size * config.dim
     head = 0 if config.tie_embeddings else embedding
     final_norm = config.dim
-    unique = block_params * config.n_unique_layers + embedding + head + final_norm
-    total = block_params * config.n_layers + embedding + head + final_norm  # shared blocks once per position
-    matmul_params = block_matmul * config.n_layers + embedding  # the head, tied or not
+    unique = sum(params[kind] for kind in config.block_kinds()) + embedding + head + final_norm
+    total = sum(params[kind] for kind in config.layer_kinds()) + embedding + head + final_norm  # shared: per position
+    matmul_params = sum(matmul[kind] for kind in config.layer_kinds()) + embedding  # the head, tied or not
+    attention_layers, conv_layers = (config.layer_kinds().count(kind) for kind in "AC")
     attention_dim = config.n_heads * config.head_dim
     # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average.
-    attention_flops = 2 * 2 * config.n_layers * context * attention_dim // 2
-    forward = 2 * matmul_params + attention_flops
-    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+    attention_flops = 2 * 2 * attention_layers * context * attention_dim // 2
+    conv_flops = 2 * conv_layers * config.conv_kernel_size * config.dim
+    forward = 2 * matmul_params + attention_flops + conv_flops
+    kv_per_token = 2 * attention_layers * config.n_kv_heads * config.head_dim
+    conv_state = conv_layers * (config.conv_kernel_size - 1) * config.dim
     return ModelReport(
         total_params=total,
         unique_params=unique,
@@ -111,6 +120,7 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         forward_flops_per_token=forward,
         train_flops_per_token=3 * forward,
         kv_cache_bytes_per_token={d: kv_per_token * b for d, b in DTYPE_BYTES.items()},
+        conv_state_bytes={d: conv_state * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
         schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
     )
@@ -136,8 +146,10 @@ def scheme_size(
     if not config.tie_embeddings:
         outside["lm_head.weight"] = (config.vocab_size, config.dim)
     try:
-        block = sum(size(name, shape) for name, shape in block_shapes(config).items())
-        total = block * config.n_unique_layers + sum(size(name, shape) for name, shape in outside.items())
+        blocks = sum(
+            size(name, shape) for kind in config.block_kinds() for name, shape in block_shapes(config, kind).items()
+        )
+        total = blocks + sum(size(name, shape) for name, shape in outside.items())
     except ValueError as error:
         return str(error).split(":")[0]
     kv_bytes = kv_per_token * DTYPE_BYTES["fp32" if dtype == "fp32" and bits is None else "bf16"]

@@ -4,7 +4,8 @@ Each round, per row: the draft samples k tokens from its distributions q; the ta
 the last emitted token and the k drafted ones, giving its distributions p at all k + 1 positions; the rejection rule
 (Leviathan et al. 2023, Chen et al. 2023) keeps a prefix of the draft and adds one token of its own, so every
 emitted token follows p exactly (greedy: the target's argmax). Both caches then roll back to the kept prefix by
-setting their per-row lengths: the keys past it are masked out and overwritten by the next round.
+setting their per-row lengths: the keys past it are masked out (conv inputs past it never read) until the next
+round overwrites them.
 """
 
 from __future__ import annotations
