@@ -215,3 +215,21 @@ def test_int8_quantised_conv_model_saves_loads_and_stays_close(tmp_path):
     loaded = load_quantized(tmp_path / "q").eval()
     torch.testing.assert_close(loaded(ids).logits, quantized(ids).logits, rtol=0, atol=0)
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0.02)
+
+
+def test_train_generate_and_export_through_the_cli(tmp_path, capsys):
+    """A C/A model trained a few steps by `minigrok train`, sampled by `minigrok generate`, refused by export-hf."""
+    from minigrok.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("".join(f"def f_{n}(x):\n    return x * {n}\n\n" for n in range(300)))
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", "byte", "--out", str(run)]
+    overrides = ["model.layer_pattern=CA", "model.conv_kernel_size=4", "train.max_steps=6", "train.dtype=fp32"]
+    assert main(args + [flag for o in overrides for flag in ("--set", o)] + ["--samples", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "def f", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert "layer_pattern='CA' has convolution (C) layers" in capsys.readouterr().err
