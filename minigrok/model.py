@@ -51,19 +51,31 @@ class KVCache:
     are slots: `reset(rows)` empties some for new sequences while the others go on. The RoPE tables for max_len
     positions are built once, here.
 
-    Only attention layers hold keys and values; a convolution layer (layer_pattern C) holds its gated inputs
-    `conv_inputs` [n_conv_layers, B, max_len, dim] at the same positions, of which a step reads the last k - 1: rows of
-    any lengths, rollback by `lengths` and slots then work for both kinds alike.
+    Only attention layers hold keys and values. A convolution layer (layer_pattern C) needs a row's last k - 1 gated
+    inputs alone: `conv_inputs` [n_conv_layers, B, k - 1 + rollback + 1, dim] is a ring holding position p at slot
+    p % (k - 1 + rollback), whatever max_len; `rollback` is how far a row's length may be set back with its state still
+    there (speculative decoding), and the last slot takes the writes a forward must not keep: the padding past a
+    prefilled row's `ends`, positions older than the ring.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rollback: int = 1,
+    ):
         kinds = config.layer_kinds()
         self.index = [kinds.count(kind, 0, layer) for layer, kind in enumerate(kinds)]  # within its kind's buffers
         shape = (kinds.count("A"), batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        conv_shape = (kinds.count("C"), batch_size, max_len, config.dim)
+        self.ring = config.conv_kernel_size - 1 + rollback
+        conv_shape = (kinds.count("C"), batch_size, self.ring + 1, config.dim)
         self.conv_inputs = torch.zeros(conv_shape, dtype=dtype, device=device)
+        self.ends = None  # during a prefill of right-padded rows: each row's own length, past which is padding
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written in each row
         self.cos, self.sin = functional.rope_cos_sin(
             torch.arange(max_len, device=device), config.head_dim, config.rope_theta
@@ -91,12 +103,15 @@ class KVCache:
         return self.keys[layer], self.values[layer], self.key_lengths
 
     def conv_window(self, layer: int, inputs: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        """Write a conv layer's inputs [B, T, dim] at each row's positions; return its inputs at positions
-        first - k + 1 .. last [B, k - 1 + T, dim], zeros before position 0."""
+        """A conv layer's inputs at positions first - k + 1 .. last [B, k - 1 + T, dim] (zeros before position 0)
+        given the new ones [B, T, dim], which then go into the ring."""
         buffer = self.conv_inputs[self.index[layer]]
-        buffer[self.rows, self.positions] = inputs.to(buffer.dtype)
-        window = self.positions[:, :1] + torch.arange(1 - kernel_size, inputs.shape[1], device=buffer.device)
-        return buffer[self.rows, window.clamp(min=0)] * (window >= 0)[..., None]
+        before = self.positions[:, :1] + torch.arange(1 - kernel_size, 0, device=buffer.device)  # [B, k - 1]
+        cached = buffer[self.rows, before.clamp(min=0) % self.ring] * (before >= 0)[..., None]
+        end = self.positions[:, -1:] + 1 if self.ends is None else self.ends[:, None]
+        keep = (self.positions < end) & (self.positions >= end - self.ring)  # distinct slots: the last ring ones
+        buffer[self.rows, torch.where(keep, self.positions % self.ring, self.ring)] = inputs.to(buffer.dtype)
+        return torch.cat([cached.to(inputs.dtype), inputs], dim=1)
 
     def advance(self, length: int) -> None:
         self.lengths += length
