@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 SHARE_MODES = ("none", "all", "immediate", "cycle")
+LAYER_KINDS = {"A": "attention", "C": "gated short convolution"}
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -189,6 +190,10 @@ class ModelConfig:
     """logical layers to physical blocks: none, all (one block), immediate (0,0,1,1,..) or cycle (0,1,..,0,1,..)"""
     n_unique_layers: int | None = None
     """physical blocks behind the n_layers positions (null = n_layers for none, 1 for all, else n_layers // 2)"""
+    layer_pattern: str = "A"
+    """mixer of each layer, the letters repeated over depth: A attention, C gated short convolution (e.g. CCA)"""
+    conv_kernel_size: int = 3
+    """taps of the causal depthwise convolution of C layers, 2 to 8"""
     init_std: float = 0.02
     """standard deviation of the normal weight init (residual projections scaled by 1/sqrt(2 * n_layers))"""
     backend: str = "auto"
@@ -241,6 +246,7 @@ class ModelConfig:
             raise ConfigError(f"backend={show(self.backend)} is unknown: choose one of {BACKENDS}")
         self._resolve_sharing()
         self._check_moe()
+        self._check_layer_pattern()
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -303,6 +309,42 @@ class ModelConfig:
         if not self.n_experts:
             return [False] * self.n_unique_layers
         return [self.moe_layers[i % len(self.moe_layers)] == "M" for i in range(self.n_unique_layers)]
+
+    def _check_layer_pattern(self) -> None:
+        pattern = self.layer_pattern
+        if not isinstance(pattern, str) or not pattern or set(pattern) - set(LAYER_KINDS):
+            raise ConfigError(
+                f"layer_pattern={show(pattern)} must be a string of the letters {', '.join(LAYER_KINDS)} "
+                "(A attention, C convolution), repeated over the layers, e.g. 'CCA'"
+            )
+        if len(pattern) > self.n_layers:
+            raise ConfigError(
+                f"layer_pattern={show(pattern)} is longer than n_layers={self.n_layers}: its last letters would be "
+                f"unused; shorten it to {self.n_layers} letters or add layers"
+            )
+        if not isinstance(self.conv_kernel_size, int) or isinstance(self.conv_kernel_size, bool):
+            raise ConfigError(f"conv_kernel_size={show(self.conv_kernel_size)} must be an integer from 2 to 8")
+        if not 2 <= self.conv_kernel_size <= 8:
+            raise ConfigError(f"conv_kernel_size={self.conv_kernel_size} must be an integer from 2 to 8")
+        first: dict[int, int] = {}  # block -> the first layer that runs it
+        kinds = self.layer_kinds()
+        for layer, block in enumerate(self.layer_blocks()):
+            if kinds[first.setdefault(block, layer)] != kinds[layer]:
+                raise ConfigError(
+                    f"layer_pattern={show(pattern)} with share={show(self.share)} runs block {block} at layers "
+                    f"{first[block]} and {layer} as both attention and convolution: a shared block has one mixer; "
+                    "pick a pattern that gives every layer of a block the same letter (with share='cycle', a "
+                    "pattern whose length divides n_unique_layers)"
+                )
+
+    def layer_kinds(self) -> str:
+        """The mixer letter (see LAYER_KINDS) of each logical layer: layer_pattern repeated over n_layers."""
+        return (self.layer_pattern * self.n_layers)[: self.n_layers]
+
+    def block_kinds(self) -> str:
+        """The mixer letter of each physical block (validated: every layer a block runs at has the same one)."""
+        first = {block: layer for layer, block in reversed(list(enumerate(self.layer_blocks())))}
+        return "".join(self.layer_kinds()[first[block]] for block in range(self.n_unique_layers))
 
     def layer_blocks(self) -> list[int]:
         """The physical block used at each logical layer position."""

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import functional
 from .config import ModelConfig
+from .conv import ShortConv
 from .generate import generate_batch, stream
 from .machine import reading_back_is_free
 from .moe import MoE
@@ -50,12 +51,32 @@ class KVCache:
     attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows
     are slots: `reset(rows)` empties some for new sequences while the others go on. The RoPE tables for max_len
     positions are built once, here.
+
+    Only attention layers hold keys and values. A convolution layer (layer_pattern C) needs a row's last k - 1 gated
+    inputs alone: `conv_inputs` [n_conv_layers, B, k - 1 + rollback + 1, dim] is a ring holding position p at slot
+    p % (k - 1 + rollback), whatever max_len; `rollback` is how far a row's length may be set back with its state still
+    there (speculative decoding), and the last slot takes the writes a forward must not keep: the padding past a
+    prefilled row's `ends`, positions older than the ring.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rollback: int = 1,
+    ):
+        kinds = config.layer_kinds()
+        self.index = [kinds.count(kind, 0, layer) for layer, kind in enumerate(kinds)]  # within its kind's buffers
+        shape = (kinds.count("A"), batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.ring = config.conv_kernel_size - 1 + rollback
+        conv_shape = (kinds.count("C"), batch_size, self.ring + 1, config.dim)
+        self.conv_inputs = torch.zeros(conv_shape, dtype=dtype, device=device)
+        self.ends = None  # during a prefill of right-padded rows: each row's own length, past which is padding
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written in each row
         self.cos, self.sin = functional.rope_cos_sin(
             torch.arange(max_len, device=device), config.head_dim, config.rope_theta
@@ -75,11 +96,23 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and key lengths to attend over
         (None: the causal prefill of an empty cache attends over k and v alone)."""
+        layer = self.index[layer]
         self.keys[layer, self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
         self.values[layer, self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
         if self.key_lengths is None:
             return k, v, None
         return self.keys[layer], self.values[layer], self.key_lengths
+
+    def conv_window(self, layer: int, inputs: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """A conv layer's inputs at positions first - k + 1 .. last [B, k - 1 + T, dim] (zeros before position 0)
+        given the new ones [B, T, dim], which then go into the ring."""
+        buffer = self.conv_inputs[self.index[layer]]
+        before = self.positions[:, :1] + torch.arange(1 - kernel_size, 0, device=buffer.device)  # [B, k - 1]
+        cached = buffer[self.rows, before.clamp(min=0) % self.ring] * (before >= 0)[..., None]
+        end = self.positions[:, -1:] + 1 if self.ends is None else self.ends[:, None]
+        keep = (self.positions < end) & (self.positions >= end - self.ring)  # distinct slots: the last ring ones
+        buffer[self.rows, torch.where(keep, self.positions % self.ring, self.ring)] = inputs.to(buffer.dtype)
+        return torch.cat([cached.to(inputs.dtype), inputs], dim=1)
 
     def advance(self, length: int) -> None:
         self.lengths += length
@@ -91,6 +124,7 @@ class KVCache:
         their state."""
         view = copy.copy(self)
         view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.conv_inputs = self.conv_inputs[:, start:stop]
         view.lengths, view.rows = self.lengths[start:stop], self.rows[: stop - start]
         view.empty = False
         return view
@@ -172,24 +206,29 @@ CHECKPOINTING = ("none", "full", "selective")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); with `moe` the MLP is a mixture of experts.
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); `kind` C puts a ShortConv `conv` in place of
+    attention (attn_norm then norms its input), and with `moe` the MLP is a mixture of experts. Selective
+    checkpointing recomputes a conv block whole.
 
     `checkpointing` (see CHECKPOINTING) trades compute for memory with non-reentrant torch.utils.checkpoint. The
     checkpoints are taken inside forward, so hooks on the block itself (FSDP's unshard) run once per call, outside
     the recomputed region.
     """
 
-    def __init__(self, config: ModelConfig, moe: bool = False):
+    def __init__(self, config: ModelConfig, kind: str = "A", moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
-        self.attn = Attention(config)
+        self.attn = Attention(config) if kind == "A" else None
+        self.conv = ShortConv(config) if kind == "C" else None
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         shared = MLP(config, config.moe_ffn_dim) if moe and config.moe_shared_expert else None
         self.mlp = MoE(config, shared) if moe else MLP(config)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, checkpointing: str = "none") -> torch.Tensor:
-        if checkpointing == "full":
+        if checkpointing == "full" or (checkpointing == "selective" and self.conv is not None):
             return checkpoint(self.forward, x, cos, sin, cache, layer, use_reentrant=False)
+        if self.conv is not None:
+            return self.after_mixer(self.conv(self.attn_norm(x), cache, layer), x)
         if checkpointing == "selective":
             # The attention op runs outside the checkpoints, so its inputs and outputs are kept for backward.
             q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
@@ -205,20 +244,29 @@ class Block(nn.Module):
 
     def after_attention(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The block's output from the attention heads y and its input x."""
-        normed, x = self.mlp_norm(self.attn.output(y), residual=x)  # the residual add fused into the norm
+        return self.after_mixer(self.attn.output(y), x)
+
+    def after_mixer(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from its mixer's output [B, T, dim] and its input x."""
+        normed, x = self.mlp_norm(mixed, residual=x)  # the residual add fused into the norm
         return x + self.mlp(normed)
 
 
-def block_shapes(config: ModelConfig, moe: bool = False) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of one block's tensors (a dense block, or with `moe` an MoE one), in the order Block registers
-    them."""
+def block_shapes(config: ModelConfig, kind: str = "A", moe: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors of one block of mixer `kind` (A or C), dense or with `moe` a mixture of experts,
+    in the order Block registers them."""
     dim, head_dim = config.dim, config.head_dim
-    shapes = {
-        "attn_norm.weight": (dim,),
+    mixer = {
         "attn.qkv_proj.weight": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, dim),
         "attn.o_proj.weight": (dim, config.n_heads * head_dim),
-        "mlp_norm.weight": (dim,),
     }
+    if kind == "C":
+        mixer = {
+            "conv.weight": (dim, 1, config.conv_kernel_size),
+            "conv.in_proj.weight": (3 * dim, dim),
+            "conv.out_proj.weight": (dim, dim),
+        }
+    shapes = {"attn_norm.weight": (dim,), **mixer, "mlp_norm.weight": (dim,)}
     if not moe:
         return shapes | {
             "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
@@ -239,8 +287,8 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of MiniGrok(config).state_dict(), by arithmetic alone: a checkpoint is checked
     against its config before anything is built or allocated."""
     shapes = {"embed.weight": (config.vocab_size, config.dim)}
-    for index, moe in enumerate(config.moe_blocks()):
-        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config, moe).items()}
+    for index, (kind, moe) in enumerate(zip(config.block_kinds(), config.moe_blocks(), strict=True)):
+        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config, kind, moe).items()}
     shapes["norm.weight"] = (config.dim,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, config.dim)
@@ -258,7 +306,9 @@ class MiniGrok(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config, moe) for moe in config.moe_blocks())
+        self.blocks = nn.ModuleList(
+            Block(config, kind, moe) for kind, moe in zip(config.block_kinds(), config.moe_blocks(), strict=True)
+        )
         self.layer_blocks = config.layer_blocks()
         self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -266,12 +316,16 @@ class MiniGrok(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); conv
+        taps uniform in +-1/sqrt(k), as torch's Conv1d."""
         std = self.config.init_std
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+            elif name.endswith("conv.weight"):
+                bound = 1 / math.sqrt(self.config.conv_kernel_size)
+                nn.init.uniform_(param, -bound, bound)
+            elif name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(param, std=std)

@@ -89,8 +89,8 @@ def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]
         )
     names = [
         f"blocks.{index}.{name}"
-        for index in range(config.n_unique_layers)
-        for name in block_shapes(config)
+        for index, kind in enumerate(config.block_kinds())
+        for name in block_shapes(config, kind)
         if is_quantizable(name, include_embedding)
     ]
     outside = ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])

@@ -3,7 +3,8 @@
 FLOPs per token, with N_matmul the weights that multiply activations (every projection at every layer position,
 and the output head, tied or not; of an MoE MLP the router, the shared expert and experts_per_token of the experts),
 T the context and d_attn = n_heads * head_dim:
-    forward  = 2 * N_matmul + 4 * n_layers * T * d_attn * 1/2    (QK^T and AV; causal: half the keys on average)
+    forward  = 2 * N_matmul + 4 * n_attention_layers * T * d_attn * 1/2   (QK^T and AV; causal: half the keys)
+               + 2 * n_conv_layers * conv_kernel_size * dim                  (the depthwise taps of C layers)
     training = 3 * forward                                      (the backward costs twice the forward)
 MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
 
@@ -53,7 +54,8 @@ class ModelReport:
     context: int
     forward_flops_per_token: int  # 2 * matmul params + causal attention at `context`
     train_flops_per_token: int  # three times the forward
-    kv_cache_bytes_per_token: dict[str, int]
+    kv_cache_bytes_per_token: dict[str, int]  # keys and values of the attention layers
+    conv_state_bytes: dict[str, int]  # per sequence, whatever its length: the last k - 1 inputs of each conv layer
     checkpoint_bytes: dict[str, int]
     schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
 
@@ -79,6 +81,7 @@ class ModelReport:
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
             *((f"KV cache bytes / token ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
+            *((f"conv state bytes / sequence ({d})", f"{b:,}") for d, b in self.conv_state_bytes.items() if b),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
             *self.scheme_rows(),
         ]
@@ -93,30 +96,36 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     context = config.max_seq_len if context is None else context
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
-    moe_blocks = config.moe_blocks()
-    kinds = {moe: block_shapes(config, moe) for moe in set(moe_blocks)}
-    params = {moe: sum(math.prod(shape) for shape in block.values()) for moe, block in kinds.items()}
+    # A block is known by its mixer (A or C) and whether its MLP is a mixture of experts.
+    block_types = list(zip(config.block_kinds(), config.moe_blocks(), strict=True))
+    blocks = {key: block_shapes(config, *key) for key in set(block_types)}
+    params = {key: sum(math.prod(shape) for shape in block.values()) for key, block in blocks.items()}
 
-    def used(shape: tuple[int, ...]) -> int:  # the weights of a tensor one token uses: k of the n_experts stacked
-        return math.prod(shape) * config.experts_per_token // config.n_experts if len(shape) == 3 else math.prod(shape)
+    def used(name: str, shape: tuple[int, ...]) -> int:  # the weights one token uses: k of the n_experts stacked
+        stacked = name in ("mlp.gate_up_proj", "mlp.down_proj")
+        return math.prod(shape) * config.experts_per_token // config.n_experts if stacked else math.prod(shape)
 
-    active = {moe: sum(used(shape) for shape in block.values()) for moe, block in kinds.items()}
-    matmul = {
-        moe: sum(used(s) for n, s in block.items() if not n.endswith("norm.weight")) for moe, block in kinds.items()
+    active = {key: sum(used(n, s) for n, s in block.items()) for key, block in blocks.items()}
+    matmul = {  # the conv taps are counted apart (conv_flops), the norms multiply nothing
+        key: sum(used(n, s) for n, s in block.items() if not n.endswith(("norm.weight", "conv.weight")))
+        for key, block in blocks.items()
     }
-    positions = [moe_blocks[index] for index in config.layer_blocks()]
+    positions = [block_types[index] for index in config.layer_blocks()]
     embedding = config.vocab_size * config.dim
     head = 0 if config.tie_embeddings else embedding
     outside = embedding + head + config.dim  # and the final norm
-    unique = sum(params[moe] for moe in moe_blocks) + outside
-    total = sum(params[moe] for moe in positions) + outside  # shared blocks once per position
-    active_params = sum(active[moe] for moe in positions) + outside
-    matmul_params = sum(matmul[moe] for moe in positions) + embedding  # the head, tied or not
+    unique = sum(params[key] for key in block_types) + outside
+    total = sum(params[key] for key in positions) + outside  # shared blocks once per position
+    active_params = sum(active[key] for key in positions) + outside
+    matmul_params = sum(matmul[key] for key in positions) + embedding  # the head, tied or not
+    attention_layers, conv_layers = (config.layer_kinds().count(kind) for kind in "AC")
     attention_dim = config.n_heads * config.head_dim
     # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average.
-    attention_flops = 2 * 2 * config.n_layers * context * attention_dim // 2
-    forward = 2 * matmul_params + attention_flops
-    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+    attention_flops = 2 * 2 * attention_layers * context * attention_dim // 2
+    conv_flops = 2 * conv_layers * config.conv_kernel_size * config.dim
+    forward = 2 * matmul_params + attention_flops + conv_flops
+    kv_per_token = 2 * attention_layers * config.n_kv_heads * config.head_dim
+    conv_state = conv_layers * (config.conv_kernel_size - 1) * config.dim
     return ModelReport(
         total_params=total,
         active_params=active_params,
@@ -126,6 +135,7 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         forward_flops_per_token=forward,
         train_flops_per_token=3 * forward,
         kv_cache_bytes_per_token={d: kv_per_token * b for d, b in DTYPE_BYTES.items()},
+        conv_state_bytes={d: conv_state * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
         schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
     )
@@ -154,7 +164,9 @@ def scheme_size(
         return "minigrok quantize does not handle mixture-of-experts models"
     try:
         blocks = sum(
-            size(name, shape) for moe in config.moe_blocks() for name, shape in block_shapes(config, moe).items()
+            size(name, shape)
+            for key in zip(config.block_kinds(), config.moe_blocks(), strict=True)
+            for name, shape in block_shapes(config, *key).items()
         )
         total = blocks + sum(size(name, shape) for name, shape in outside.items())
     except ValueError as error:

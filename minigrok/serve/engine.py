@@ -245,6 +245,7 @@ class Engine:
                 length = int(self.cache.lengths[last])
                 for buffer in (self.cache.keys, self.cache.values):
                     buffer[:, index, :, :length] = buffer[:, last, :, :length]
+                self.cache.conv_inputs[:, index] = self.cache.conv_inputs[:, last]
                 self.cache.lengths[index] = length
                 self.rows[index] = self.rows[last]
             self.rows.pop()

@@ -6,10 +6,10 @@ import torch
 from minigrok import MiniGrok, ModelConfig
 
 
-@pytest.mark.parametrize("share", ["none", "cycle"])
-def test_triton_backend_matches_torch_backend(share):
+@pytest.mark.parametrize("share, layer_pattern", [("none", "A"), ("cycle", "A"), ("none", "CA")])
+def test_triton_backend_matches_torch_backend(share, layer_pattern):
     torch.manual_seed(0)
-    overrides = {"share": share, "n_unique_layers": None, "backend": "torch"}
+    overrides = {"share": share, "n_unique_layers": None, "backend": "torch", "layer_pattern": layer_pattern}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config)
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"}))
@@ -28,9 +28,11 @@ def test_triton_backend_matches_torch_backend(share):
         torch.testing.assert_close(tri_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_triton_backend_generation_with_kv_cache():
+@pytest.mark.parametrize("layer_pattern", ["A", "CA"])
+def test_triton_backend_generation_with_kv_cache(layer_pattern):
     torch.manual_seed(2)
-    config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | {"backend": "torch"})
+    overrides = {"backend": "torch", "layer_pattern": layer_pattern}
+    config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config).eval()
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"})).eval()
     triton_model.load_state_dict(reference.state_dict())
