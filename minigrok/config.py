@@ -193,6 +193,10 @@ class ModelConfig:
     """standard deviation of the normal weight init (residual projections scaled by 1/sqrt(2 * n_layers))"""
     backend: str = "auto"
     """implementation of the ops: auto (Triton on CUDA when installed, else PyTorch), torch or triton"""
+    window: int | None = None
+    """sliding-window size of the windowed (S) layers: a query sees itself and the window - 1 keys before it"""
+    window_pattern: str = "S"
+    """S (windowed) / L (full) per logical layer, repeated over depth, e.g. SSSL; applies once window is set"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -228,6 +232,7 @@ class ModelConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={show(self.backend)} is unknown: choose one of {BACKENDS}")
         self._resolve_sharing()
+        self._check_window()
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -256,6 +261,32 @@ class ModelConfig:
                 f"n_unique_layers={self.n_unique_layers} does not divide n_layers={self.n_layers} for "
                 f"share={show(self.share)}: choose one of {divisors_of(self.n_layers)}"
             )
+
+    def _check_window(self) -> None:
+        pattern = self.window_pattern
+        if not isinstance(pattern, str) or not pattern or set(pattern) - {"S", "L"}:
+            raise ConfigError(
+                f"window_pattern={show(pattern)} must be a non-empty string of S (windowed) and L (full) layers, "
+                "e.g. 'SSSL'"
+            )
+        if self.window is None and "S" in pattern and pattern != "S":  # the default "S" alone means no window
+            raise ConfigError(
+                f"window_pattern={show(pattern)} has windowed (S) layers but window is null: set window (e.g. "
+                "window=256) or drop window_pattern for full attention everywhere"
+            )
+        if self.window is not None:
+            self._check_positive_int("window")
+            if "S" not in pattern:
+                raise ConfigError(
+                    f"window={self.window} with window_pattern={show(pattern)} windows no layer: put an S in "
+                    "window_pattern (e.g. 'SSSL') or drop window"
+                )
+
+    def layer_windows(self) -> list[int | None]:
+        """The attention window of each logical layer: `window` where the repeated window_pattern says S, else None
+        (every layer None when window is null)."""
+        pattern = self.window_pattern if self.window is not None else "L"
+        return [self.window if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layers)]
 
     def layer_blocks(self) -> list[int]:
         """The physical block used at each logical layer position."""

@@ -159,17 +159,18 @@ def prefill_rows(model: MiniGrok, prompts: list[torch.Tensor], cache: KVCache) -
     padded = torch.zeros(len(prompts), max(len(prompt) for prompt in prompts), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
+    cache.right_padded(lengths)  # each row goes on after its own last prompt token
     hidden = model.hidden_states(padded, cache)
-    cache.lengths.copy_(lengths)  # each row goes on after its own last prompt token
     last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
     return model.logits(last)
 
 
-def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int) -> tuple[torch.Tensor, KVCache]:
-    """Run the right-padded prompts through the model into a fresh cache; the logits [B, V] after each prompt."""
+def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int, slack: int = 0) -> tuple[torch.Tensor, KVCache]:
+    """Run the right-padded prompts through the model into a fresh cache (`slack`: see KVCache); the logits [B, V]
+    after each prompt."""
     from .model import KVCache
 
-    cache = KVCache(model.config, len(prompts), max_len, cache_dtype(model), model.head_weight.device)
+    cache = KVCache(model.config, len(prompts), max_len, cache_dtype(model), model.head_weight.device, slack)
     return prefill_rows(model, prompts, cache), cache
 
 

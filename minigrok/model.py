@@ -49,22 +49,51 @@ class KVCache:
     attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows
     are slots: `reset(rows)` empties some for new sequences while the others go on. The RoPE tables for max_len
     positions are built once, here.
+
+    Windowed layers (config.layer_windows) keep `ring_keys`/`ring_values` [n_windowed, B, n_kv_heads, window +
+    slack, head_dim] instead: position p in slot p % (window + slack), so their memory is bounded by the window
+    however long the row. `slack` extra slots let a forward of T tokens continue a row (T - 1 <= slack) and a row
+    be rolled back by r positions (lowering `lengths`, r - 1 <= slack: speculative decoding) without losing keys.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        slack: int = 0,
+    ):
+        self.windows = config.layer_windows()
+        windowed = [layer for layer, window in enumerate(self.windows) if window is not None]
+        full = [layer for layer, window in enumerate(self.windows) if window is None]
+        self.index = {
+            layer: windowed.index(layer) if layer in windowed else full.index(layer) for layer in range(config.n_layers)
+        }
+        self.ring = min(max_len, (config.window or 0) + slack)
+        self.slack = slack
+        shape = (len(full), batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        ring_shape = (len(windowed), batch_size, config.n_kv_heads, self.ring, config.head_dim)
+        self.ring_keys = torch.zeros(ring_shape, dtype=dtype, device=device)
+        self.ring_values = torch.zeros(ring_shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written in each row
         self.cos, self.sin = functional.rope_cos_sin(
             torch.arange(max_len, device=device), config.head_dim, config.rope_theta
         )
         self.empty = True  # no row holds a token: a multi-token input is a prefill from position 0 (known host-side)
         self.rows = torch.arange(batch_size, device=device)[:, None]
-        self.positions = self.key_lengths = None  # of the forward pass under way
+        self.positions = self.key_lengths = self.ends = None  # of the forward pass under way
 
     def start(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Begin a forward of `length` tokens per row: fix their positions; return their cos/sin tables."""
+        if not self.empty and length - 1 > self.slack and len(self.ring_keys):
+            raise ValueError(
+                f"a forward of {length} tokens continuing the cache needs slack >= {length - 1} for the windowed "
+                f"layers, which have slack={self.slack}: build the KVCache with slack={length - 1}"
+            )
         self.positions = self.lengths[:, None] + torch.arange(length, device=self.lengths.device)  # [B, T]
         # A prefill of empty rows attends causally over its own keys alone (the fast causal path); anything else
         # attends over the whole buffer, each query seeing its row's keys up to its own position.
@@ -74,14 +103,40 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and key lengths to attend over
         (None: the causal prefill of an empty cache attends over k and v alone)."""
-        self.keys[layer, self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
-        self.values[layer, self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
+        index = self.index[layer]
+        if self.windows[layer] is not None:
+            keys, values = self.ring_keys[index], self.ring_values[index]
+            self.write_ring(keys, k)
+            self.write_ring(values, v)
+        else:
+            keys, values = self.keys[index], self.values[index]
+            keys[self.rows, :, self.positions] = k.transpose(1, 2).to(keys.dtype)
+            values[self.rows, :, self.positions] = v.transpose(1, 2).to(values.dtype)
         if self.key_lengths is None:
             return k, v, None
-        return self.keys[layer], self.values[layer], self.key_lengths
+        return keys, values, self.key_lengths
+
+    def write_ring(self, ring: torch.Tensor, new: torch.Tensor) -> None:
+        """Write new [B, Hkv, T, D] into a windowed layer's ring [B, Hkv, slots, D]; past `slots` tokens each slot
+        takes the last one that lands there before the row's end (its real end, in a right-padded prefill)."""
+        if new.shape[2] <= self.ring:  # distinct slots: a scatter
+            ring[self.rows, :, self.positions % self.ring] = new.transpose(1, 2).to(ring.dtype)
+            return
+        ends = self.positions[:, -1] + 1 if self.ends is None else self.ends
+        offset = functional.ring_positions(ends, self.ring) - self.positions[:, :1]  # [B, slots] into `new`
+        gathered = new.gather(2, offset.clamp(min=0)[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3]))
+        ring.copy_(torch.where((offset >= 0)[:, None, :, None], gathered.to(ring.dtype), ring))
+
+    def right_padded(self, lengths: torch.Tensor) -> None:
+        """The next forward is of right-padded rows: row b's tokens end at lengths[b], which become the lengths."""
+        self.ends = lengths
 
     def advance(self, length: int) -> None:
-        self.lengths += length
+        if self.ends is None:
+            self.lengths += length
+        else:
+            self.lengths.copy_(self.ends)
+            self.ends = None
         self.empty = False
 
     def slots(self, start: int, stop: int) -> KVCache:
@@ -90,9 +145,19 @@ class KVCache:
         their state."""
         view = copy.copy(self)
         view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.ring_keys, view.ring_values = self.ring_keys[:, start:stop], self.ring_values[:, start:stop]
         view.lengths, view.rows = self.lengths[start:stop], self.rows[: stop - start]
         view.empty = False
         return view
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row `target` a copy of row `source` (its keys, values and length)."""
+        length = int(self.lengths[source])
+        for buffer in (self.keys, self.values):
+            buffer[:, target, :, :length] = buffer[:, source, :, :length]
+        for buffer in (self.ring_keys, self.ring_values):
+            buffer[:, target] = buffer[:, source]
+        self.lengths[target] = length
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Empty the given rows (all by default): their stale keys are masked out until overwritten."""
@@ -126,6 +191,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.backend = config.backend
+        self.windows = config.layer_windows()  # the window at each logical layer (a shared block runs at several)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, H, T, D] and k, v [B, Hkv, T, D] of x [B, T, dim], RoPE applied to q and k."""
@@ -140,9 +206,17 @@ class Attention(nn.Module):
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None):
-        """Causal attention of q over k, v: [B, H, T, D]; with a KV cache's `key_lengths` [B], over each row's keys."""
-        return functional.attention(q, k, v, causal=True, backend=self.backend, key_lengths=key_lengths)
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_lengths: torch.Tensor | None = None,
+        window: int | None = None,
+    ):
+        """Causal attention of q over k, v: [B, H, T, D]; with a KV cache's `key_lengths` [B], over each row's keys;
+        with `window`, each query sees itself and the window - 1 positions before it."""
+        return functional.attention(q, k, v, causal=True, window=window, backend=self.backend, key_lengths=key_lengths)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """The heads of y [B, H, T, D] merged and projected back to [B, T, dim]."""
@@ -190,12 +264,13 @@ class Block(nn.Module):
         if checkpointing == "selective":
             # The attention op runs outside the checkpoints, so its inputs and outputs are kept for backward.
             q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
-            return checkpoint(self.after_attention, self.attn.attend(q, k, v), x, use_reentrant=False)
+            y = self.attn.attend(q, k, v, window=self.attn.windows[layer])
+            return checkpoint(self.after_attention, y, x, use_reentrant=False)
         q, k, v = self.attention_inputs(x, cos, sin)
         key_lengths = None
         if cache is not None:
             k, v, key_lengths = cache.update(layer, k, v)
-        return self.after_attention(self.attn.attend(q, k, v, key_lengths), x)
+        return self.after_attention(self.attn.attend(q, k, v, key_lengths, self.attn.windows[layer]), x)
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.attn.project(self.attn_norm(x), cos, sin)

@@ -115,8 +115,9 @@ def speculative_rows(
     needed = max(len(prompt) + row.max_new_tokens for prompt, row in zip(prompts, rows, strict=True))
     # A round writes up to num_draft_tokens positions past the kept ones, which are then rolled back.
     max_len = max(cache_length(needed, target.config.max_seq_len), needed + num_draft_tokens)
-    logits, target_cache = prefill(target, prompts, max_len)
-    _, draft_cache = prefill(draft, prompts, max_len)
+    # Windowed layers' rings keep num_draft_tokens slots of slack for the k + 1 token forward and the roll back.
+    logits, target_cache = prefill(target, prompts, max_len, num_draft_tokens)
+    _, draft_cache = prefill(draft, prompts, max_len, num_draft_tokens)
     check_finite(logits, 0)
     device, vocab = logits.device, logits.shape[-1]
     temperature, top_k, top_p = sampling_tensors(rows, vocab, device)

@@ -6,10 +6,11 @@ import torch
 from minigrok import MiniGrok, ModelConfig
 
 
-@pytest.mark.parametrize("share", ["none", "cycle"])
-def test_triton_backend_matches_torch_backend(share):
+@pytest.mark.parametrize(("share", "window"), [("none", None), ("cycle", None), ("cycle", 5)])
+def test_triton_backend_matches_torch_backend(share, window):
     torch.manual_seed(0)
-    overrides = {"share": share, "n_unique_layers": None, "backend": "torch"}
+    overrides = {"share": share, "n_unique_layers": None, "backend": "torch", "window": window}
+    overrides |= {"n_layers": 4, "window_pattern": "SSL"} if window else {}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config)
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"}))
@@ -28,11 +29,15 @@ def test_triton_backend_matches_torch_backend(share):
         torch.testing.assert_close(tri_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_triton_backend_generation_with_kv_cache():
+@pytest.mark.parametrize("window", [None, 3])
+def test_triton_backend_generation_with_kv_cache(window):
+    """With a window of 3 the decode steps run far past it, the windowed layer through its ring of 3 slots."""
     torch.manual_seed(2)
-    config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | {"backend": "torch"})
+    overrides = {"backend": "torch"} | ({"window": window, "window_pattern": "SL"} if window else {})
+    config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config).eval()
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"})).eval()
     triton_model.load_state_dict(reference.state_dict())
-    prompt = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(triton_model.generate(prompt, 6, temperature=0), reference.generate(prompt, 6, temperature=0))
+    prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    expected = reference.generate(prompt, 12, temperature=0)
+    assert torch.equal(triton_model.generate(prompt, 12, temperature=0), expected)

@@ -18,6 +18,21 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
+def check_steps_match_full_forward(model: MiniGrok, sequences: list[torch.Tensor], lengths: list[int], max_len: int):
+    """Prefill the first lengths[b] tokens of each sequence, right-padded, then feed each row its own next tokens:
+    every step's logits must be the full forward's of that row alone. Returns the cache."""
+    with torch.no_grad():
+        first, cache = prefill(model, [s[:n] for s, n in zip(sequences, lengths, strict=True)], max_len=max_len)
+        steps = [first]
+        for t in range(len(sequences[0]) - lengths[0]):
+            tokens = torch.stack([s[n + t] for s, n in zip(sequences, lengths, strict=True)])
+            steps.append(model(tokens[:, None], cache=cache).logits[:, 0])
+        for row, (sequence, n) in enumerate(zip(sequences, lengths, strict=True)):
+            full = model(sequence[None]).logits[0, n - 1 :]
+            torch.testing.assert_close(torch.stack([s[row] for s in steps]), full, rtol=1e-5, atol=1e-5)
+    return cache
+
+
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1)])
 @pytest.mark.parametrize("share", ["none", "cycle"])
 def test_static_cache_of_ragged_rows_matches_each_full_forward(heads, share):
@@ -27,15 +42,7 @@ def test_static_cache_of_ragged_rows_matches_each_full_forward(heads, share):
     model = make_model(1, dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads, share=share)
     lengths, extra = [3, 19, 1, 11], 7
     sequences = [torch.tensor(s) for s in random_prompts([n + extra for n in lengths], 101, seed=1)]
-    with torch.no_grad():
-        first, cache = prefill(model, [s[:n] for s, n in zip(sequences, lengths, strict=True)], max_len=32)
-        steps = [first]
-        for t in range(extra):
-            tokens = torch.stack([s[n + t] for s, n in zip(sequences, lengths, strict=True)])
-            steps.append(model(tokens[:, None], cache=cache).logits[:, 0])
-        for row, (sequence, n) in enumerate(zip(sequences, lengths, strict=True)):
-            full = model(sequence[None]).logits[0, n - 1 :]
-            torch.testing.assert_close(torch.stack([s[row] for s in steps]), full, rtol=1e-5, atol=1e-5)
+    cache = check_steps_match_full_forward(model, sequences, lengths, max_len=32)
     assert cache.lengths.tolist() == [n + extra for n in lengths]
     assert cache.keys.shape == (4, 4, n_kv_heads, 32, 64 // n_heads)  # one buffer per logical layer, KV heads only
 
