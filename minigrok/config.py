@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 SHARE_MODES = ("none", "all", "immediate", "cycle")
+LAYER_KINDS = {"A": "attention", "C": "gated short convolution"}
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -189,10 +190,26 @@ class ModelConfig:
     """logical layers to physical blocks: none, all (one block), immediate (0,0,1,1,..) or cycle (0,1,..,0,1,..)"""
     n_unique_layers: int | None = None
     """physical blocks behind the n_layers positions (null = n_layers for none, 1 for all, else n_layers // 2)"""
+    layer_pattern: str = "A"
+    """mixer of each layer, the letters repeated over depth: A attention, C gated short convolution (e.g. CCA)"""
+    conv_kernel_size: int = 3
+    """taps of the causal depthwise convolution of C layers, 2 to 8"""
     init_std: float = 0.02
     """standard deviation of the normal weight init (residual projections scaled by 1/sqrt(2 * n_layers))"""
     backend: str = "auto"
     """implementation of the ops: auto (Triton on CUDA when installed, else PyTorch), torch or triton"""
+    n_experts: int = 0
+    """experts of a mixture-of-experts MLP (0 = every MLP dense)"""
+    experts_per_token: int = 2
+    """with n_experts: experts each token is routed to (top-k)"""
+    moe_shared_expert: bool = False
+    """with n_experts: every token also goes through one dense MLP of moe_ffn_dim"""
+    moe_layers: str = "M"
+    """with n_experts: which physical blocks have an MoE MLP, M (MoE) or D (dense) each, repeated over the blocks"""
+    moe_ffn_dim: int | None = None
+    """with n_experts: hidden width of each expert (null = ffn_dim)"""
+    moe_capacity_factor: float | None = None
+    """with n_experts: in training, cap each expert at factor * tokens * k / n_experts tokens (null = dropless)"""
     window: int | None = None
     """sliding-window size of the windowed (S) layers: a query sees itself and the window - 1 keys before it"""
     window_pattern: str = "S"
@@ -232,6 +249,8 @@ class ModelConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={show(self.backend)} is unknown: choose one of {BACKENDS}")
         self._resolve_sharing()
+        self._check_moe()
+        self._check_layer_pattern()
         self._check_window()
 
     def _check_positive_int(self, name: str) -> None:
@@ -261,6 +280,76 @@ class ModelConfig:
                 f"n_unique_layers={self.n_unique_layers} does not divide n_layers={self.n_layers} for "
                 f"share={show(self.share)}: choose one of {divisors_of(self.n_layers)}"
             )
+
+    def _check_moe(self) -> None:
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise ConfigError(f"n_experts={show(self.n_experts)} must be 0 (dense) or a positive integer")
+        if self.moe_ffn_dim is None:
+            self.moe_ffn_dim = self.ffn_dim
+        if not self.n_experts:
+            return
+        self._check_positive_int("experts_per_token")
+        self._check_positive_int("moe_ffn_dim")
+        if self.experts_per_token > self.n_experts:
+            raise ConfigError(
+                f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}: "
+                f"choose experts_per_token from 1 to {self.n_experts}"
+            )
+        if not isinstance(self.moe_shared_expert, bool):
+            raise ConfigError(f"moe_shared_expert={show(self.moe_shared_expert)} must be true or false")
+        pattern = self.moe_layers
+        if not isinstance(pattern, str) or not re.fullmatch("[DM]+", pattern) or self.n_unique_layers % len(pattern):
+            raise ConfigError(
+                f"moe_layers={show(pattern)} must be a string of D (dense) and M (MoE) whose length divides "
+                f"n_unique_layers={self.n_unique_layers}, e.g. 'M' (every block) or 'DM' (every second)"
+            )
+        factor = self.moe_capacity_factor
+        if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0):
+            raise ConfigError(
+                f"moe_capacity_factor={show(factor)} must be a positive number such as 1.25, or null (dropless)"
+            )
+
+    def moe_blocks(self) -> list[bool]:
+        """Whether each physical block's MLP is a mixture of experts (moe_layers repeated over the blocks)."""
+        if not self.n_experts:
+            return [False] * self.n_unique_layers
+        return [self.moe_layers[i % len(self.moe_layers)] == "M" for i in range(self.n_unique_layers)]
+
+    def _check_layer_pattern(self) -> None:
+        pattern = self.layer_pattern
+        if not isinstance(pattern, str) or not pattern or set(pattern) - set(LAYER_KINDS):
+            raise ConfigError(
+                f"layer_pattern={show(pattern)} must be a string of the letters {', '.join(LAYER_KINDS)} "
+                "(A attention, C convolution), repeated over the layers, e.g. 'CCA'"
+            )
+        if len(pattern) > self.n_layers:
+            raise ConfigError(
+                f"layer_pattern={show(pattern)} is longer than n_layers={self.n_layers}: its last letters would be "
+                f"unused; shorten it to {self.n_layers} letters or add layers"
+            )
+        if not isinstance(self.conv_kernel_size, int) or isinstance(self.conv_kernel_size, bool):
+            raise ConfigError(f"conv_kernel_size={show(self.conv_kernel_size)} must be an integer from 2 to 8")
+        if not 2 <= self.conv_kernel_size <= 8:
+            raise ConfigError(f"conv_kernel_size={self.conv_kernel_size} must be an integer from 2 to 8")
+        first: dict[int, int] = {}  # block -> the first layer that runs it
+        kinds = self.layer_kinds()
+        for layer, block in enumerate(self.layer_blocks()):
+            if kinds[first.setdefault(block, layer)] != kinds[layer]:
+                raise ConfigError(
+                    f"layer_pattern={show(pattern)} with share={show(self.share)} runs block {block} at layers "
+                    f"{first[block]} and {layer} as both attention and convolution: a shared block has one mixer; "
+                    "pick a pattern that gives every layer of a block the same letter (with share='cycle', a "
+                    "pattern whose length divides n_unique_layers)"
+                )
+
+    def layer_kinds(self) -> str:
+        """The mixer letter (see LAYER_KINDS) of each logical layer: layer_pattern repeated over n_layers."""
+        return (self.layer_pattern * self.n_layers)[: self.n_layers]
+
+    def block_kinds(self) -> str:
+        """The mixer letter of each physical block (validated: every layer a block runs at has the same one)."""
+        first = {block: layer for layer, block in reversed(list(enumerate(self.layer_blocks())))}
+        return "".join(self.layer_kinds()[first[block]] for block in range(self.n_unique_layers))
 
     def _check_window(self) -> None:
         pattern = self.window_pattern

@@ -165,12 +165,15 @@ def prefill_rows(model: MiniGrok, prompts: list[torch.Tensor], cache: KVCache) -
     return model.logits(last)
 
 
-def prefill(model: MiniGrok, prompts: list[torch.Tensor], max_len: int, slack: int = 0) -> tuple[torch.Tensor, KVCache]:
-    """Run the right-padded prompts through the model into a fresh cache (`slack`: see KVCache); the logits [B, V]
-    after each prompt."""
+def prefill(
+    model: MiniGrok, prompts: list[torch.Tensor], max_len: int, rollback: int = 1
+) -> tuple[torch.Tensor, KVCache]:
+    """Run the right-padded prompts through the model into a fresh cache (see KVCache for `rollback`); the logits
+    [B, V] after each prompt."""
     from .model import KVCache
 
-    cache = KVCache(model.config, len(prompts), max_len, cache_dtype(model), model.head_weight.device, slack)
+    device = model.head_weight.device
+    cache = KVCache(model.config, len(prompts), max_len, cache_dtype(model), device, rollback)
     return prefill_rows(model, prompts, cache), cache
 
 

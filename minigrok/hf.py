@@ -123,6 +123,16 @@ def export_hf(model: MiniGrok, directory: str | Path) -> None:
     """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads (a windowed
     model: MinistralForCausalLM, or AutoModelForCausalLM)."""
     config, state = model.config, model.state_dict()
+    if config.n_experts:
+        raise ValueError(
+            f"n_experts={config.n_experts}: the Llama layout has dense MLPs only, so a mixture-of-experts model "
+            "cannot be exported; export a dense model (n_experts=0)"
+        )
+    if "C" in config.layer_kinds():
+        raise ValueError(
+            f"layer_pattern={config.layer_pattern!r} has convolution (C) layers, which the Llama layout cannot hold: "
+            "only models with layer_pattern='A' export to Hugging Face"
+        )
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
     part_rows = _part_rows(config)

@@ -14,8 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 from . import functional
 from .config import ModelConfig
+from .conv import ShortConv
 from .generate import generate_batch, stream
 from .machine import reading_back_is_free
+from .moe import MoE
 
 if TYPE_CHECKING:
     from .speculative import SpeculativeStats
@@ -42,18 +44,22 @@ class ModelOutput:
 
 
 class KVCache:
-    """Static key/value buffers [n_layers, B, n_kv_heads, max_len, head_dim], one per logical layer, with each row's
-    length held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
+    """Static key/value buffers [n_full_attention_layers, B, n_kv_heads, max_len, head_dim] with each row's length
+    held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
 
     Row b holds its tokens at positions 0 .. lengths[b] - 1; a step writes each row at its own next position and
     attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows
     are slots: `reset(rows)` empties some for new sequences while the others go on. The RoPE tables for max_len
     positions are built once, here.
 
-    Windowed layers (config.layer_windows) keep `ring_keys`/`ring_values` [n_windowed, B, n_kv_heads, window +
-    slack, head_dim] instead: position p in slot p % (window + slack), so their memory is bounded by the window
-    however long the row. `slack` extra slots let a forward of T tokens continue a row (T - 1 <= slack) and a row
-    be rolled back by r positions (lowering `lengths`, r - 1 <= slack: speculative decoding) without losing keys.
+    Only full attention layers hold max_len positions. The others keep rings bounded whatever the row's length,
+    position p at slot p % slots, each the reach of a position (window - 1 keys, or k - 1 conv inputs, before it)
+    plus `rollback`: how far a row's length may be set back below the furthest position written, and how many tokens
+    a forward may add to a row, with every state the next forward needs still there (speculative decoding).
+    Windowed attention layers (config.layer_windows) keep `ring_keys`/`ring_values` [n_windowed, B, n_kv_heads,
+    window - 1 + rollback, head_dim]. Convolution layers (layer_pattern C) keep `conv_inputs` [n_conv, B, k - 1 +
+    rollback + 1, dim] of their gated inputs, whose last slot takes the writes a forward must not keep: the padding
+    past a prefilled row's `ends`, positions older than the ring.
     """
 
     def __init__(
@@ -63,36 +69,41 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
-        slack: int = 0,
+        rollback: int = 1,
     ):
         self.windows = config.layer_windows()
-        windowed = [layer for layer, window in enumerate(self.windows) if window is not None]
-        full = [layer for layer, window in enumerate(self.windows) if window is None]
-        self.index = {
-            layer: windowed.index(layer) if layer in windowed else full.index(layer) for layer in range(config.n_layers)
-        }
-        self.ring = min(max_len, (config.window or 0) + slack)
-        self.slack = slack
-        shape = (len(full), batch_size, config.n_kv_heads, max_len, config.head_dim)
+        # Each logical layer's buffers: A full keys and values, W a windowed layer's rings, C conv inputs.
+        stores = "".join(
+            "C" if kind == "C" else "A" if window is None else "W"
+            for kind, window in zip(config.layer_kinds(), self.windows, strict=True)
+        )
+        self.index = [stores.count(store, 0, layer) for layer, store in enumerate(stores)]  # within its buffers
+        self.rollback = rollback
+        shape = (stores.count("A"), batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        ring_shape = (len(windowed), batch_size, config.n_kv_heads, self.ring, config.head_dim)
+        self.window_ring = min(max_len, (config.window or 1) - 1 + rollback)
+        ring_shape = (stores.count("W"), batch_size, config.n_kv_heads, self.window_ring, config.head_dim)
         self.ring_keys = torch.zeros(ring_shape, dtype=dtype, device=device)
         self.ring_values = torch.zeros(ring_shape, dtype=dtype, device=device)
+        self.conv_ring = config.conv_kernel_size - 1 + rollback
+        conv_shape = (stores.count("C"), batch_size, self.conv_ring + 1, config.dim)
+        self.conv_inputs = torch.zeros(conv_shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written in each row
         self.cos, self.sin = functional.rope_cos_sin(
             torch.arange(max_len, device=device), config.head_dim, config.rope_theta
         )
         self.empty = True  # no row holds a token: a multi-token input is a prefill from position 0 (known host-side)
         self.rows = torch.arange(batch_size, device=device)[:, None]
-        self.positions = self.key_lengths = self.ends = None  # of the forward pass under way
+        # Of the forward pass under way; `ends`: in a prefill of right-padded rows, each row's own length.
+        self.positions = self.key_lengths = self.ends = None
 
     def start(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Begin a forward of `length` tokens per row: fix their positions; return their cos/sin tables."""
-        if not self.empty and length - 1 > self.slack and len(self.ring_keys):
+        if not self.empty and length > self.rollback and len(self.ring_keys):
             raise ValueError(
-                f"a forward of {length} tokens continuing the cache needs slack >= {length - 1} for the windowed "
-                f"layers, which have slack={self.slack}: build the KVCache with slack={length - 1}"
+                f"a forward of {length} tokens continuing the cache needs rollback >= {length} for the windowed "
+                f"layers, which have rollback={self.rollback}: build the KVCache with rollback={length}"
             )
         self.positions = self.lengths[:, None] + torch.arange(length, device=self.lengths.device)  # [B, T]
         # A prefill of empty rows attends causally over its own keys alone (the fast causal path); anything else
@@ -119,17 +130,31 @@ class KVCache:
     def write_ring(self, ring: torch.Tensor, new: torch.Tensor) -> None:
         """Write new [B, Hkv, T, D] into a windowed layer's ring [B, Hkv, slots, D]; past `slots` tokens each slot
         takes the last one that lands there before the row's end (its real end, in a right-padded prefill)."""
-        if new.shape[2] <= self.ring:  # distinct slots: a scatter
-            ring[self.rows, :, self.positions % self.ring] = new.transpose(1, 2).to(ring.dtype)
+        slots = self.window_ring
+        if new.shape[2] <= slots:  # distinct slots: a scatter
+            ring[self.rows, :, self.positions % slots] = new.transpose(1, 2).to(ring.dtype)
             return
         ends = self.positions[:, -1] + 1 if self.ends is None else self.ends
-        offset = functional.ring_positions(ends, self.ring) - self.positions[:, :1]  # [B, slots] into `new`
+        offset = functional.ring_positions(ends, slots) - self.positions[:, :1]  # [B, slots] into `new`
         gathered = new.gather(2, offset.clamp(min=0)[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3]))
         ring.copy_(torch.where((offset >= 0)[:, None, :, None], gathered.to(ring.dtype), ring))
 
     def right_padded(self, lengths: torch.Tensor) -> None:
-        """The next forward is of right-padded rows: row b's tokens end at lengths[b], which become the lengths."""
+        """The next forward is of right-padded rows: row b's tokens end at lengths[b], which become the lengths; its
+        rings keep its own last positions, not the padding's."""
         self.ends = lengths
+
+    def conv_window(self, layer: int, inputs: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """A conv layer's inputs at positions first - k + 1 .. last [B, k - 1 + T, dim] (zeros before position 0)
+        given the new ones [B, T, dim], which then go into the ring."""
+        buffer = self.conv_inputs[self.index[layer]]
+        before = self.positions[:, :1] + torch.arange(1 - kernel_size, 0, device=buffer.device)  # [B, k - 1]
+        slots = self.conv_ring
+        cached = buffer[self.rows, before.clamp(min=0) % slots] * (before >= 0)[..., None]
+        end = self.positions[:, -1:] + 1 if self.ends is None else self.ends[:, None]
+        keep = (self.positions < end) & (self.positions >= end - slots)  # distinct slots: the last ring ones
+        buffer[self.rows, torch.where(keep, self.positions % slots, slots)] = inputs.to(buffer.dtype)
+        return torch.cat([cached.to(inputs.dtype), inputs], dim=1)
 
     def advance(self, length: int) -> None:
         if self.ends is None:
@@ -146,16 +171,17 @@ class KVCache:
         view = copy.copy(self)
         view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
         view.ring_keys, view.ring_values = self.ring_keys[:, start:stop], self.ring_values[:, start:stop]
+        view.conv_inputs = self.conv_inputs[:, start:stop]
         view.lengths, view.rows = self.lengths[start:stop], self.rows[: stop - start]
         view.empty = False
         return view
 
     def copy_row(self, source: int, target: int) -> None:
-        """Make row `target` a copy of row `source` (its keys, values and length)."""
+        """Make row `target` a copy of row `source` (its keys, values, rings and length)."""
         length = int(self.lengths[source])
         for buffer in (self.keys, self.values):
             buffer[:, target, :, :length] = buffer[:, source, :, :length]
-        for buffer in (self.ring_keys, self.ring_values):
+        for buffer in (self.ring_keys, self.ring_values, self.conv_inputs):
             buffer[:, target] = buffer[:, source]
         self.lengths[target] = length
 
@@ -226,10 +252,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one fused projection."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        ffn_dim = config.ffn_dim if ffn_dim is None else ffn_dim
+        self.gate_up_proj = nn.Linear(config.dim, 2 * ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, config.dim, bias=False)
         self.backend = config.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,23 +271,29 @@ CHECKPOINTING = ("none", "full", "selective")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)).
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); `kind` C puts a ShortConv `conv` in place of
+    attention (attn_norm then norms its input), and with `moe` the MLP is a mixture of experts. Selective
+    checkpointing recomputes a conv block whole.
 
     `checkpointing` (see CHECKPOINTING) trades compute for memory with non-reentrant torch.utils.checkpoint. The
     checkpoints are taken inside forward, so hooks on the block itself (FSDP's unshard) run once per call, outside
     the recomputed region.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kind: str = "A", moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
-        self.attn = Attention(config)
+        self.attn = Attention(config) if kind == "A" else None
+        self.conv = ShortConv(config) if kind == "C" else None
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.backend)
-        self.mlp = MLP(config)
+        shared = MLP(config, config.moe_ffn_dim) if moe and config.moe_shared_expert else None
+        self.mlp = MoE(config, shared) if moe else MLP(config)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, checkpointing: str = "none") -> torch.Tensor:
-        if checkpointing == "full":
+        if checkpointing == "full" or (checkpointing == "selective" and self.conv is not None):
             return checkpoint(self.forward, x, cos, sin, cache, layer, use_reentrant=False)
+        if self.conv is not None:
+            return self.after_mixer(self.conv(self.attn_norm(x), cache, layer), x)
         if checkpointing == "selective":
             # The attention op runs outside the checkpoints, so its inputs and outputs are kept for backward.
             q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
@@ -277,29 +310,51 @@ class Block(nn.Module):
 
     def after_attention(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The block's output from the attention heads y and its input x."""
-        normed, x = self.mlp_norm(self.attn.output(y), residual=x)  # the residual add fused into the norm
+        return self.after_mixer(self.attn.output(y), x)
+
+    def after_mixer(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from its mixer's output [B, T, dim] and its input x."""
+        normed, x = self.mlp_norm(mixed, residual=x)  # the residual add fused into the norm
         return x + self.mlp(normed)
 
 
-def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of one block's tensors (all blocks are alike), in the order Block registers them."""
+def block_shapes(config: ModelConfig, kind: str = "A", moe: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors of one block of mixer `kind` (A or C), dense or with `moe` a mixture of experts,
+    in the order Block registers them."""
     dim, head_dim = config.dim, config.head_dim
-    return {
-        "attn_norm.weight": (dim,),
+    mixer = {
         "attn.qkv_proj.weight": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, dim),
         "attn.o_proj.weight": (dim, config.n_heads * head_dim),
-        "mlp_norm.weight": (dim,),
-        "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
-        "mlp.down_proj.weight": (dim, config.ffn_dim),
     }
+    if kind == "C":
+        mixer = {
+            "conv.weight": (dim, 1, config.conv_kernel_size),
+            "conv.in_proj.weight": (3 * dim, dim),
+            "conv.out_proj.weight": (dim, dim),
+        }
+    shapes = {"attn_norm.weight": (dim,), **mixer, "mlp_norm.weight": (dim,)}
+    if not moe:
+        return shapes | {
+            "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
+            "mlp.down_proj.weight": (dim, config.ffn_dim),
+        }
+    experts, hidden = config.n_experts, config.moe_ffn_dim
+    shapes |= {
+        "mlp.gate_up_proj": (experts, 2 * hidden, dim),
+        "mlp.down_proj": (experts, dim, hidden),
+        "mlp.router.weight": (experts, dim),
+    }
+    if config.moe_shared_expert:
+        shapes |= {"mlp.shared.gate_up_proj.weight": (2 * hidden, dim), "mlp.shared.down_proj.weight": (dim, hidden)}
+    return shapes
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of MiniGrok(config).state_dict(), by arithmetic alone: a checkpoint is checked
     against its config before anything is built or allocated."""
     shapes = {"embed.weight": (config.vocab_size, config.dim)}
-    for index in range(config.n_unique_layers):
-        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config).items()}
+    for index, (kind, moe) in enumerate(zip(config.block_kinds(), config.moe_blocks(), strict=True)):
+        shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config, kind, moe).items()}
     shapes["norm.weight"] = (config.dim,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, config.dim)
@@ -317,7 +372,9 @@ class MiniGrok(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_unique_layers))
+        self.blocks = nn.ModuleList(
+            Block(config, kind, moe) for kind, moe in zip(config.block_kinds(), config.moe_blocks(), strict=True)
+        )
         self.layer_blocks = config.layer_blocks()
         self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -325,12 +382,16 @@ class MiniGrok(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); conv
+        taps uniform in +-1/sqrt(k), as torch's Conv1d."""
         std = self.config.init_std
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith("conv.weight"):
+                bound = 1 / math.sqrt(self.config.conv_kernel_size)
+                nn.init.uniform_(param, -bound, bound)
+            elif name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(param, std=std)
@@ -394,6 +455,9 @@ class MiniGrok(nn.Module):
             cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         else:
             cos, sin = cache.start(input_ids.shape[1])
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):
+                block.mlp.losses.clear()
         x = self.embed(input_ids)
         checkpointing = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
         if checkpointing not in CHECKPOINTING:
@@ -403,6 +467,16 @@ class MiniGrok(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.norm(x)
+
+    def router_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The MoE layers' load-balancing and z losses of the last forward, each a mean over the MoE layer positions
+        run (None for a dense model): what training adds, weighted by train.moe_aux_loss_weight and moe_z_loss_weight.
+        """
+        losses = [loss for block in self.blocks if isinstance(block.mlp, MoE) for loss in block.mlp.losses]
+        if not losses:
+            return None
+        balance, z = zip(*losses, strict=True)
+        return torch.stack(balance).mean(), torch.stack(z).mean()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head: vocabulary logits of hidden states [..., dim]; a quantised head multiplies its packed weight."""

@@ -81,11 +81,16 @@ class Quantization:
 
 def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]:
     """The float weights quantisation replaces: every projection of every physical block (a shared block once) and,
-    with `include_embedding`, the embedding (the tied head) and an untied head."""
+    with `include_embedding`, the embedding (the tied head) and an untied head. Mixture-of-experts models are refused."""
+    if config.n_experts:
+        raise ValueError(
+            f"n_experts={config.n_experts}: quantisation does not handle mixture-of-experts models (their experts "
+            "are stacked 3-D weights); quantise or QAT-train a dense model (n_experts=0)"
+        )
     names = [
         f"blocks.{index}.{name}"
-        for index in range(config.n_unique_layers)
-        for name in block_shapes(config)
+        for index, kind in enumerate(config.block_kinds())
+        for name in block_shapes(config, kind)
         if is_quantizable(name, include_embedding)
     ]
     outside = ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])

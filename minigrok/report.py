@@ -1,13 +1,15 @@
 """Sizes and costs of a model: parameters, FLOPs per token, KV-cache and checkpoint bytes.
 
 FLOPs per token, with N_matmul the weights that multiply activations (every projection at every layer position,
-and the output head, tied or not), T the context and d_attn = n_heads * head_dim:
-    forward  = 2 * N_matmul + 4 * n_layers * T * d_attn * 1/2    (QK^T and AV; causal: half the keys on average)
+and the output head, tied or not; of an MoE MLP the router, the shared expert and experts_per_token of the experts),
+T the context and d_attn = n_heads * head_dim:
+    forward  = 2 * N_matmul + 4 * n_attention_layers * T * d_attn * 1/2   (QK^T and AV; causal: half the keys)
+               + 2 * n_conv_layers * conv_kernel_size * dim                  (the depthwise taps of C layers)
 (a windowed layer: T/2 less the keys its window hides from positions 0 .. T - 1, on average, where p sees <= window)
     training = 3 * forward                                      (the backward costs twice the forward)
-KV-cache bytes per token are those a sequence of T tokens holds, divided by T: a full layer keeps every token, a
-windowed layer (config.window) at most `window` of them (its ring buffer), so windowed models cost less per token
-the longer the context.
+KV-cache bytes per token are those a sequence of T tokens holds, divided by T: a full attention layer keeps every
+token, a windowed one (config.window) at most `window` of them (its ring buffer), so windowed models cost less per
+token the longer the context; conv layers hold no keys, only a constant state per sequence.
 MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
 
 Weight schemes are sized from the tensors their checkpoint holds: every tensor in fp32 or bf16, or the packed
@@ -50,14 +52,16 @@ class ModelReport:
     """Counts as the module docstring gives them: a shared block counts once per position in FLOPs and `total_params`."""
 
     total_params: int  # parameters as the forward pass sees them: shared blocks once per position
+    active_params: int  # of total_params, those one token uses: of each MoE MLP only its experts_per_token experts
     unique_params: int  # parameters stored: shared blocks and tied tensors once
     non_embedding_params: int  # unique parameters minus the token embedding and an untied output head
     context: int
     forward_flops_per_token: int  # 2 * matmul params + causal attention at `context`
     train_flops_per_token: int  # three times the forward
-    kv_cache_bytes_per_token: dict[str, int]  # at `context`: windowed layers hold min(window, context) tokens
-    windowed_layers: int  # of n_layers, each attending over (and caching) at most `window` positions
+    kv_cache_bytes_per_token: dict[str, int]  # attention layers' K/V at `context` (windowed: min(window, context))
+    windowed_layers: int  # of the attention layers, each attending over (and caching) at most `window` positions
     window: int | None
+    conv_state_bytes: dict[str, int]  # per sequence, whatever its length: the last k - 1 inputs of each conv layer
     checkpoint_bytes: dict[str, int]
     schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
 
@@ -84,14 +88,17 @@ class ModelReport:
         return [("windowed layers", f"{self.windowed_layers}, each caching min({self.window}, context) tokens")]
 
     def __str__(self) -> str:
+        sparse = self.active_params != self.total_params  # a mixture of experts: a token uses some of them
         rows = [
             ("total parameters", f"{self.total_params:,}"),
+            *([("active parameters / token", f"{self.active_params:,}")] if sparse else []),
             ("unique parameters", f"{self.unique_params:,}"),
             ("non-embedding parameters", f"{self.non_embedding_params:,}"),
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
             *self.window_rows(),
             *((f"KV cache bytes / token{self.at} ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
+            *((f"conv state bytes / sequence ({d})", f"{b:,}") for d, b in self.conv_state_bytes.items() if b),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
             *self.scheme_rows(),
         ]
@@ -106,27 +113,44 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     context = config.max_seq_len if context is None else context
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
-    block = block_shapes(config)
-    block_params = sum(math.prod(shape) for shape in block.values())
-    block_matmul = sum(math.prod(shape) for name, shape in block.items() if name.endswith("proj.weight"))
+    # A block is known by its mixer (A or C) and whether its MLP is a mixture of experts.
+    block_types = list(zip(config.block_kinds(), config.moe_blocks(), strict=True))
+    blocks = {key: block_shapes(config, *key) for key in set(block_types)}
+    params = {key: sum(math.prod(shape) for shape in block.values()) for key, block in blocks.items()}
+
+    def used(name: str, shape: tuple[int, ...]) -> int:  # the weights one token uses: k of the n_experts stacked
+        stacked = name in ("mlp.gate_up_proj", "mlp.down_proj")
+        return math.prod(shape) * config.experts_per_token // config.n_experts if stacked else math.prod(shape)
+
+    active = {key: sum(used(n, s) for n, s in block.items()) for key, block in blocks.items()}
+    matmul = {  # the conv taps are counted apart (conv_flops), the norms multiply nothing
+        key: sum(used(n, s) for n, s in block.items() if not n.endswith(("norm.weight", "conv.weight")))
+        for key, block in blocks.items()
+    }
+    positions = [block_types[index] for index in config.layer_blocks()]
     embedding = config.vocab_size * config.dim
     head = 0 if config.tie_embeddings else embedding
-    final_norm = config.dim
-    unique = block_params * config.n_unique_layers + embedding + head + final_norm
-    total = block_params * config.n_layers + embedding + head + final_norm  # shared blocks once per position
-    matmul_params = block_matmul * config.n_layers + embedding  # the head, tied or not
+    outside = embedding + head + config.dim  # and the final norm
+    unique = sum(params[key] for key in block_types) + outside
+    total = sum(params[key] for key in positions) + outside  # shared blocks once per position
+    active_params = sum(active[key] for key in positions) + outside
+    matmul_params = sum(matmul[key] for key in positions) + embedding  # the head, tied or not
+    conv_layers = config.layer_kinds().count("C")
     attention_dim = config.n_heads * config.head_dim
-    windows = config.layer_windows()
+    windows = [w for w, kind in zip(config.layer_windows(), config.layer_kinds(), strict=True) if kind == "A"]
     # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average (a
     # windowed layer: less those its window hides).
     mean_keys = sum(context / 2 - (0 if w is None else hidden_keys(context, w) / context) for w in windows)
     attention_flops = round(2 * 2 * attention_dim * mean_keys)
-    forward = 2 * matmul_params + attention_flops
+    conv_flops = 2 * conv_layers * config.conv_kernel_size * config.dim
+    forward = 2 * matmul_params + attention_flops + conv_flops
     # Bytes per token of a sequence of `context` tokens: a windowed layer holds min(window, context) of them.
     cached = sum(1 if w is None else min(w, context) / context for w in windows)
     kv_per_token = round(2 * cached * config.n_kv_heads * config.head_dim)
+    conv_state = conv_layers * (config.conv_kernel_size - 1) * config.dim
     return ModelReport(
         total_params=total,
+        active_params=active_params,
         unique_params=unique,
         non_embedding_params=unique - embedding - head,
         context=context,
@@ -135,6 +159,7 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         kv_cache_bytes_per_token={d: kv_per_token * b for d, b in DTYPE_BYTES.items()},
         windowed_layers=sum(w is not None for w in windows),
         window=config.window,
+        conv_state_bytes={d: conv_state * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
         schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
     )
@@ -165,9 +190,15 @@ def scheme_size(
     outside = {"embed.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,)}
     if not config.tie_embeddings:
         outside["lm_head.weight"] = (config.vocab_size, config.dim)
+    if quantization is not None and config.n_experts:
+        return "minigrok quantize does not handle mixture-of-experts models"
     try:
-        block = sum(size(name, shape) for name, shape in block_shapes(config).items())
-        total = block * config.n_unique_layers + sum(size(name, shape) for name, shape in outside.items())
+        blocks = sum(
+            size(name, shape)
+            for key in zip(config.block_kinds(), config.moe_blocks(), strict=True)
+            for name, shape in block_shapes(config, *key).items()
+        )
+        total = blocks + sum(size(name, shape) for name, shape in outside.items())
     except ValueError as error:
         return str(error).split(":")[0]
     kv_bytes = kv_per_token * DTYPE_BYTES["fp32" if dtype == "fp32" and bits is None else "bf16"]

@@ -4,7 +4,8 @@ Each round, per row: the draft samples k tokens from its distributions q; the ta
 the last emitted token and the k drafted ones, giving its distributions p at all k + 1 positions; the rejection rule
 (Leviathan et al. 2023, Chen et al. 2023) keeps a prefix of the draft and adds one token of its own, so every
 emitted token follows p exactly (greedy: the target's argmax). Both caches then roll back to the kept prefix by
-setting their per-row lengths: the keys past it are masked out and overwritten by the next round.
+setting their per-row lengths: the keys past it are masked out until the next round overwrites them (the conv
+layers' rings hold enough positions to go back that far).
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ def speculative_rows(
     needed = max(len(prompt) + row.max_new_tokens for prompt, row in zip(prompts, rows, strict=True))
     # A round writes up to num_draft_tokens positions past the kept ones, which are then rolled back.
     max_len = max(cache_length(needed, target.config.max_seq_len), needed + num_draft_tokens)
-    # Windowed layers' rings keep num_draft_tokens slots of slack for the k + 1 token forward and the roll back.
-    logits, target_cache = prefill(target, prompts, max_len, num_draft_tokens)
-    _, draft_cache = prefill(draft, prompts, max_len, num_draft_tokens)
+    # Each round sets the lengths back by up to num_draft_tokens + 2 (the draft's) from the furthest written, and
+    # the target goes on by num_draft_tokens + 1 tokens at once: both within the rings' rollback.
+    logits, target_cache = prefill(target, prompts, max_len, rollback=num_draft_tokens + 2)
+    _, draft_cache = prefill(draft, prompts, max_len, rollback=num_draft_tokens + 2)
     check_finite(logits, 0)
     device, vocab = logits.device, logits.shape[-1]
     temperature, top_k, top_p = sampling_tensors(rows, vocab, device)

@@ -54,6 +54,10 @@ class TrainConfig:
     """share of the budget over which wsd decays, at its end"""
     weight_decay: float = 0.1
     """AdamW weight decay of the matrices (norm gains never decay; 0 turns it off)"""
+    moe_aux_loss_weight: float = 0.01
+    """with model.n_experts: weight of the MoE load-balancing loss added to the training loss (0 turns it off)"""
+    moe_z_loss_weight: float = 0.001
+    """with model.n_experts: weight of the MoE router z-loss added to the training loss (0 turns it off)"""
     beta1: float = 0.9
     """AdamW decay rate of the gradient's running mean"""
     beta2: float = 0.95
@@ -143,7 +147,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ConfigError(f"train.{name}={show(value)} must lie in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "moe_aux_loss_weight", "moe_z_loss_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"train.{name}={show(value)} must be >= 0 (0 turns it off)")
@@ -218,6 +222,12 @@ class TrainConfig:
         if self.max_tokens:
             limits.append(max(1, self.max_tokens // self.tokens_per_step))
         return min(limits) if limits else None
+
+    def budget_spent(self, step: int, elapsed: float) -> bool:
+        """Whether a run at `step` after `elapsed` seconds of training has reached the end of its budget."""
+        return (self.total_steps is not None and step >= self.total_steps) or (
+            self.max_minutes is not None and elapsed >= 60 * self.max_minutes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -356,6 +356,15 @@ class Trainer:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
+    def _weighted_router_losses(self, parts: torch.Tensor) -> torch.Tensor | float:
+        """The MoE router losses of the forward just run, weighted by train.moe_aux_loss_weight and moe_z_loss_weight
+        (0 for a dense model); adds them unweighted, per micro-batch, to `parts` for the log."""
+        router = self.model.router_losses()
+        if router is None:
+            return 0.0
+        parts += torch.stack(router).detach().float() / self.config.grad_accum
+        return self.config.moe_aux_loss_weight * router[0] + self.config.moe_z_loss_weight * router[1]
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm), both of the global batch.
 
@@ -369,6 +378,7 @@ class Trainer:
         if self.fake_quantizer is not None:
             self.fake_quantizer.enabled = self.step >= config.qat_start_step
         distill_parts = torch.zeros(2, device=self.device)  # with a teacher: the batch's KL and CE
+        moe_parts = torch.zeros(2, device=self.device)  # with experts: the batch's load-balancing and z losses
         for micro in range(config.grad_accum):
             batch = self.sampler.batch(self.step, micro, self.rows)
             inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
@@ -376,18 +386,21 @@ class Trainer:
                 with autocast(self.dtype, self.device):
                     output = self.forward(inputs, targets=targets)
                     loss = output.loss / config.grad_accum
-                self.scaler.scale(loss).backward()
+                    trained = loss + self._weighted_router_losses(moe_parts) / config.grad_accum
+                self.scaler.scale(trained).backward()
             total_loss += loss.detach().float()
             if self.teacher is not None:
                 distill_parts += torch.stack([output.kl, output.ce]).float() / config.grad_accum
         if self.world.size == 1:
             loss_value, self.stop_requested = total_loss.item(), self.stop_signal
             self.distill_parts = distill_parts.tolist() if self.teacher is not None else None
+            self.moe_parts = moe_parts.tolist()
         else:  # the mean of the processes' losses is the global batch's; a signal to any of them stops them all
-            local = [total_loss.item(), self.stop_signal or 0, *distill_parts.tolist()]
+            local = [total_loss.item(), self.stop_signal or 0, *distill_parts.tolist(), *moe_parts.tolist()]
             gathered = distributed.gather(local, self.device)
             loss_value, self.stop_requested = gathered[:, 0].mean().item(), int(gathered[:, 1].max()) or None
-            self.distill_parts = gathered[:, 2:].mean(dim=0).tolist()
+            self.distill_parts = gathered[:, 2:4].mean(dim=0).tolist()
+            self.moe_parts = gathered[:, 4:].mean(dim=0).tolist()
             if self.stop_requested is not None:  # not when a process died: the gather failed first
                 self._announce_stop(self.stop_requested)
         if not math.isfinite(loss_value):
@@ -416,10 +429,7 @@ class Trainer:
         return loss_value, grad_norm
 
     def done(self) -> bool:
-        config = self.config
-        return (config.total_steps is not None and self.step >= config.total_steps) or (
-            config.max_minutes is not None and self.elapsed() >= 60 * config.max_minutes
-        )
+        return self.config.budget_spent(self.step, self.elapsed())
 
     def run_eval(self) -> dict:
         metrics = evaluate(
@@ -525,6 +535,8 @@ class Trainer:
                     }
                     if self.teacher is not None:  # the loss's two parts, each a mean over the batch's tokens
                         record["distill_kl"], record["ce"] = self.distill_parts
+                    if self.model.config.n_experts:  # unweighted, each a mean over the MoE layers run
+                        record["moe_aux_loss"], record["moe_z_loss"] = self.moe_parts
                     if len(self.sampler.names) > 1:  # a mixture: the tokens each source gave since the last line
                         steps = range(self.step - config.log_every, self.step)
                         record["source_tokens"] = self.sampler.source_tokens(steps, config.grad_accum)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from . import benchmarks, inference, models, serving, training
+from . import ablate, benchmarks, inference, models, serving, training
 from .inference import inference_dtype
 
 __all__ = ["COMMANDS", "build_parser", "inference_dtype", "main"]
@@ -68,6 +68,11 @@ COMMANDS: dict[str, Command | Group] = {
         serving.run_serve,
     ),
     "plot": Command("PNG of train/val curves of one or more runs", training.add_plot_arguments, training.run_plot),
+    "ablate": Command(
+        "train a grid of config variants at equal budget and seeds; table (Markdown, CSV) and plot of val bpb",
+        ablate.add_ablate_arguments,
+        ablate.run_ablate,
+    ),
     "bench": Group(
         "benchmarks",
         {

@@ -12,7 +12,12 @@ from minigrok import MiniGrok, ModelConfig, functional
 from minigrok.bench.memory import peak_bytes
 from minigrok.model import CHECKPOINTING
 
-SHARED = {"none": {}, "cycle": {"share": "cycle", "n_unique_layers": 2}, "all": {"share": "all"}}
+SHARED = {
+    "none": {},
+    "cycle": {"share": "cycle", "n_unique_layers": 2},
+    "all": {"share": "all"},
+    "conv-cycle": {"share": "cycle", "n_unique_layers": 2, "layer_pattern": "CA"},  # selective recomputes C whole
+}
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -18,18 +18,20 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-def check_steps_match_full_forward(model: MiniGrok, sequences: list[torch.Tensor], lengths: list[int], max_len: int):
-    """Prefill the first lengths[b] tokens of each sequence, right-padded, then feed each row its own next tokens:
-    every step's logits must be the full forward's of that row alone. Returns the cache."""
-    with torch.no_grad():
-        first, cache = prefill(model, [s[:n] for s, n in zip(sequences, lengths, strict=True)], max_len=max_len)
-        steps = [first]
-        for t in range(len(sequences[0]) - lengths[0]):
-            tokens = torch.stack([s[n + t] for s, n in zip(sequences, lengths, strict=True)])
-            steps.append(model(tokens[:, None], cache=cache).logits[:, 0])
-        for row, (sequence, n) in enumerate(zip(sequences, lengths, strict=True)):
-            full = model(sequence[None]).logits[0, n - 1 :]
-            torch.testing.assert_close(torch.stack([s[row] for s in steps]), full, rtol=1e-5, atol=1e-5)
+@torch.no_grad()
+def check_ragged_decoding(model: MiniGrok, lengths: list[int], extra: int, seed: int, max_len: int = 32) -> KVCache:
+    """Prefill right-padded prompts of `lengths`, then feed each row its own next `extra` tokens one at a time:
+    assert every row's logits are the full forward's of that row alone; return the cache."""
+    vocab = model.config.vocab_size
+    sequences = [torch.tensor(s) for s in random_prompts([n + extra for n in lengths], vocab, seed=seed)]
+    first, cache = prefill(model, [s[:n] for s, n in zip(sequences, lengths, strict=True)], max_len=max_len)
+    steps = [first]
+    for t in range(extra):
+        tokens = torch.stack([s[n + t] for s, n in zip(sequences, lengths, strict=True)])
+        steps.append(model(tokens[:, None], cache=cache).logits[:, 0])
+    for row, (sequence, n) in enumerate(zip(sequences, lengths, strict=True)):
+        full = model(sequence[None]).logits[0, n - 1 :]
+        torch.testing.assert_close(torch.stack([s[row] for s in steps]), full, rtol=1e-5, atol=1e-5)
     return cache
 
 
@@ -41,8 +43,7 @@ def test_static_cache_of_ragged_rows_matches_each_full_forward(heads, share):
     n_heads, n_kv_heads = heads
     model = make_model(1, dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads, share=share)
     lengths, extra = [3, 19, 1, 11], 7
-    sequences = [torch.tensor(s) for s in random_prompts([n + extra for n in lengths], 101, seed=1)]
-    cache = check_steps_match_full_forward(model, sequences, lengths, max_len=32)
+    cache = check_ragged_decoding(model, lengths, extra, seed=1)
     assert cache.lengths.tolist() == [n + extra for n in lengths]
     assert cache.keys.shape == (4, 4, n_kv_heads, 32, 64 // n_heads)  # one buffer per logical layer, KV heads only
 
@@ -144,15 +145,17 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_generation_under_bf16_autocast_keeps_its_cache_in_bf16():
-    """Under autocast k and v come out in bf16: the cache holds them so, and a decode step is the full forward's."""
-    model = make_model(2)
+@pytest.mark.parametrize("layer_pattern", ["A", "CCA"])
+def test_generation_under_bf16_autocast_keeps_its_cache_in_bf16(layer_pattern):
+    """Under autocast k and v (and conv inputs) come out in bf16: the cache holds them so, and a decode step is the
+    full forward's."""
+    model = make_model(2, layer_pattern=layer_pattern)
     prompts = random_prompts([5, 12], 101, seed=3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         first, cache = prefill(model, [torch.tensor(p) for p in prompts], max_len=32)
         tokens = first.argmax(-1)
         step = model(tokens[:, None], cache=cache).logits[:, 0]
-        assert cache.keys.dtype == torch.bfloat16
+        assert cache.keys.dtype == cache.conv_inputs.dtype == torch.bfloat16
         for row, prompt in enumerate(prompts):
             full = model(torch.tensor([prompt + [int(tokens[row])]])).logits[0, -1]
             torch.testing.assert_close(step[row].float(), full.float(), rtol=0.05, atol=0.05)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from test_generate import check_steps_match_full_forward
+from test_generate import check_ragged_decoding
 
 from minigrok import ConfigError, KVCache, MiniGrok, ModelConfig
 
@@ -67,8 +67,7 @@ def test_decoding_through_ring_caches_matches_the_full_forward(window, heads, sh
     n_heads, n_kv_heads = heads
     model = make_model(2, n_heads=n_heads, n_kv_heads=n_kv_heads, share=share, window=window, window_pattern=pattern)
     lengths, extra = [17, 2, 1, 9], 30
-    sequences = random_ids([n + extra for n in lengths], 103, seed=window)
-    cache = check_steps_match_full_forward(model, sequences, lengths, max_len=64)
+    cache = check_ragged_decoding(model, lengths, extra, seed=window, max_len=64)
     n_windowed = sum(w is not None for w in model.config.layer_windows())
     assert cache.ring_keys.shape == (n_windowed, 4, n_kv_heads, window, 48 // n_heads)
     assert cache.keys.shape == (4 - n_windowed, 4, n_kv_heads, 64, 48 // n_heads)
@@ -106,7 +105,7 @@ def test_compiled_decode_through_rings_matches_eager_and_compiles_once():
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_speculative_decoding_of_windowed_models_gives_the_targets_tokens(k):
-    """A round writes k + 1 positions and rolls back: the rings' slack keeps every key the next round needs."""
+    """A round writes k + 1 positions and rolls back: the rings' rollback keeps every key the next round needs."""
     target = make_model(5, window=4, window_pattern="SSL", n_layers=3)
     draft = make_model(6, window=3, n_layers=1)
     prompts = random_ids([10, 2, 5], 103, seed=5)
@@ -115,18 +114,18 @@ def test_speculative_decoding_of_windowed_models_gives_the_targets_tokens(k):
         assert speculative == target.generate_batch(prompts, 25, temperature=0)
 
 
-def test_a_multi_token_continuation_needs_slack_in_the_rings():
+def test_a_multi_token_continuation_needs_rollback_in_the_rings():
     model = make_model(7, window=4)
     (ids,) = random_ids([20], 103, seed=7)
     with torch.no_grad():
-        cache = KVCache(model.config, 1, 32, torch.float32, torch.device("cpu"), slack=5)
+        cache = KVCache(model.config, 1, 32, torch.float32, torch.device("cpu"), rollback=6)
         model(ids[None, :9], cache=cache)
         chunk = model(ids[None, 9:15], cache=cache).logits[0]
         torch.testing.assert_close(chunk, model(ids[None, :15]).logits[0, 9:], rtol=1e-5, atol=1e-5)
         assert cache.ring_keys.shape[3] == 9
         short = KVCache(model.config, 1, 32, torch.float32, torch.device("cpu"))
         model(ids[None, :9], cache=short)
-        with pytest.raises(ValueError, match="a forward of 6 tokens continuing the cache needs slack >= 5"):
+        with pytest.raises(ValueError, match="a forward of 6 tokens continuing the cache needs rollback >= 6"):
             model(ids[None, 9:15], cache=short)
 
 
@@ -167,3 +166,28 @@ def test_info_takes_the_window_fields_from_the_command_line():
         [sys.executable, "-m", "minigrok.cli", *argv[:3], "--set", "model.window=0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "window=0 must be a positive integer" in bad.stderr
+
+
+def test_windowed_attention_between_conv_layers_decodes_as_the_full_forward_and_speculates_exactly():
+    """layer_pattern CA, window 5, window_pattern SSSL: layers C, windowed A, C, full A, so one cache holds conv
+    input rings, key rings and full keys. Decoding far past the window gives each row's full forward; greedy
+    speculative decoding (a round goes on by k + 1 tokens, then rolls back both kinds of ring) the target's tokens."""
+    target = make_model(9, layer_pattern="CA", window=5, window_pattern="SSSL")
+    cache = check_ragged_decoding(target, [12, 2, 7], extra=20, seed=9, max_len=64)
+    assert [len(cache.conv_inputs), len(cache.ring_keys), len(cache.keys)] == [2, 1, 1]
+    draft = make_model(10, n_layers=2, layer_pattern="CA", window=3)
+    prompts = random_ids([10, 2, 5], 103, seed=9)
+    with torch.no_grad():
+        alone = target.generate_batch(prompts, 20, temperature=0)
+        for k in (1, 3):
+            assert target.generate_batch(prompts, 20, temperature=0, draft_model=draft, num_draft_tokens=k) == alone
+
+
+def test_the_report_counts_kv_bytes_of_attention_layers_alone_beside_conv_layers():
+    config = make_model(11, n_layers=6, layer_pattern="CA", window=5, window_pattern="SSSL").config
+    report = MiniGrok.report(MiniGrok(config), 40)
+    cache = KVCache(config, 1, 40, torch.float32, torch.device("cpu"))
+    held = sum(t.numel() * t.element_size() for t in (cache.keys, cache.values, cache.ring_keys, cache.ring_values))
+    assert report.kv_cache_bytes_per_token["fp32"] == round(held / 40)
+    assert report.windowed_layers == 2 and "windowed layers" in str(report)  # layers 1 and 5; 3 is full
+    assert report.conv_state_bytes["fp32"] == 3 * (config.conv_kernel_size - 1) * config.dim * 4
