@@ -35,16 +35,18 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_pb, stride_ph, stride_ps, stride_pd,
-    n_kv_heads, group_size, T_K, HEAD_DIM, chunk_len, qk_scale,
-    DOT_PRECISION: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    n_kv_heads, group_size, T_K, HEAD_DIM, chunk_len, qk_scale, window,
+    DOT_PRECISION: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b, kv_h = bkv // n_kv_heads, bkv % n_kv_heads
     kv_len = T_K
+    length = T_K
     if HAS_KEY_LENGTHS:  # row b sees its first KeyLengths[b] keys (a static cache whose rows hold different lengths)
-        kv_len = tl.minimum(tl.load(KeyLengths + b).to(tl.int32), T_K)
+        length = tl.load(KeyLengths + b).to(tl.int32)
+        kv_len = tl.minimum(length, T_K)
     first_head = kv_h * group_size  # rows: the query heads h = first_head + row that read K/V head kv_h
     rows = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_N)
@@ -64,8 +66,13 @@ def _decode_split_kernel(
         keys = start_n + cols
         k_t = load_tile(k_base, dims, stride_kd, HEAD_DIM, keys, stride_kt, kv_len)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(keys[None, :] < kv_len, qk, float("-inf"))
+        visible = keys < kv_len
+        if HAS_WINDOW:  # a ring of T_K slots: slot s holds the last position p < length with p % T_K == s
+            visible = visible & ((length - 1 - keys) % T_K < window)
+        qk = tl.where(visible[None, :], qk, float("-inf"))
         v = load_tile(v_base, keys, stride_vt, kv_len, dims, stride_vd, HEAD_DIM)
+        if HAS_WINDOW:  # slots outside the window may hold anything: a weight of 0 must not meet a NaN
+            v = tl.where(visible[:, None], v, 0.0)
         m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
 
     heads = first_head + rows
@@ -126,10 +133,13 @@ def decode_attention(
     v: torch.Tensor,
     scale: float | None = None,
     key_lengths: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query q [B, Hq, 1, D] over the keys of k, v [B, Hkv, Tk, D]; no autograd.
 
     Every key, or with `key_lengths` [B] (each >= 1) row b's first key_lengths[b] keys only: a static KV cache.
+    With `window`, the Tk slots are a ring (position p in slot p % Tk) and the query, at position key_lengths[b] - 1
+    (Tk - 1 without key_lengths), sees the `window` positions ending at its own.
     Any strides (a slice of a preallocated cache is read in place); query head h reads K/V head h // (Hq // Hkv).
     """
     assert q.dim() == k.dim() == 4 and k.shape == v.shape and q.shape[2] == 1, "decode_attention: shapes"
@@ -154,9 +164,9 @@ def decode_attention(
     _decode_split_kernel[(splits, batch * n_kv_heads)](
         q, k, v, part, part_lse, part_lse if key_lengths is None else key_lengths,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *part.stride(),
-        n_kv_heads, group_size, kv_len, head_dim, chunk, qk_scale,
+        n_kv_heads, group_size, kv_len, head_dim, chunk, qk_scale, 0 if window is None else window,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact
-        HAS_KEY_LENGTHS=key_lengths is not None,
+        HAS_KEY_LENGTHS=key_lengths is not None, HAS_WINDOW=window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip

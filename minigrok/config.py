@@ -210,6 +210,10 @@ class ModelConfig:
     """with n_experts: hidden width of each expert (null = ffn_dim)"""
     moe_capacity_factor: float | None = None
     """with n_experts: in training, cap each expert at factor * tokens * k / n_experts tokens (null = dropless)"""
+    window: int | None = None
+    """sliding-window size of the windowed (S) layers: a query sees itself and the window - 1 keys before it"""
+    window_pattern: str = "S"
+    """S (windowed) / L (full) per logical layer, repeated over depth, e.g. SSSL; applies once window is set"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -247,6 +251,7 @@ class ModelConfig:
         self._resolve_sharing()
         self._check_moe()
         self._check_layer_pattern()
+        self._check_window()
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -345,6 +350,32 @@ class ModelConfig:
         """The mixer letter of each physical block (validated: every layer a block runs at has the same one)."""
         first = {block: layer for layer, block in reversed(list(enumerate(self.layer_blocks())))}
         return "".join(self.layer_kinds()[first[block]] for block in range(self.n_unique_layers))
+
+    def _check_window(self) -> None:
+        pattern = self.window_pattern
+        if not isinstance(pattern, str) or not pattern or set(pattern) - {"S", "L"}:
+            raise ConfigError(
+                f"window_pattern={show(pattern)} must be a non-empty string of S (windowed) and L (full) layers, "
+                "e.g. 'SSSL'"
+            )
+        if self.window is None and "S" in pattern and pattern != "S":  # the default "S" alone means no window
+            raise ConfigError(
+                f"window_pattern={show(pattern)} has windowed (S) layers but window is null: set window (e.g. "
+                "window=256) or drop window_pattern for full attention everywhere"
+            )
+        if self.window is not None:
+            self._check_positive_int("window")
+            if "S" not in pattern:
+                raise ConfigError(
+                    f"window={self.window} with window_pattern={show(pattern)} windows no layer: put an S in "
+                    "window_pattern (e.g. 'SSSL') or drop window"
+                )
+
+    def layer_windows(self) -> list[int | None]:
+        """The attention window of each logical layer: `window` where the repeated window_pattern says S, else None
+        (every layer None when window is null)."""
+        pattern = self.window_pattern if self.window is not None else "L"
+        return [self.window if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layers)]
 
     def layer_blocks(self) -> list[int]:
         """The physical block used at each logical layer position."""

@@ -159,12 +159,8 @@ def prefill_rows(model: MiniGrok, prompts: list[torch.Tensor], cache: KVCache) -
     padded = torch.zeros(len(prompts), max(len(prompt) for prompt in prompts), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
-    cache.ends = lengths  # a row's conv state is its own last inputs, not the padding's
-    try:
-        hidden = model.hidden_states(padded, cache)
-    finally:
-        cache.ends = None
-    cache.lengths.copy_(lengths)  # each row goes on after its own last prompt token
+    cache.right_padded(lengths)  # each row goes on after its own last prompt token
+    hidden = model.hidden_states(padded, cache)
     last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
     return model.logits(last)
 

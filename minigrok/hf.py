@@ -3,6 +3,9 @@
 Our fused qkv_proj / gate_up_proj split into Llama's q/k/v and gate/up projections; the RoPE layout is the same.
 Shared-layer models export with each shared block copied to every position that uses it (Llama has no sharing),
 so an exported model has n_layers unique blocks and imports back with share="none".
+Sliding-window models export as MinistralForCausalLM: Llama's tensors and layout, plus `sliding_window` and the
+`layer_types` of each layer (the same window: a query sees itself and the sliding_window - 1 keys before it).
+Mistral and Ministral checkpoints import the same way.
 """
 
 from __future__ import annotations
@@ -72,10 +75,39 @@ def _part_rows(config: ModelConfig) -> dict[str, list[int]]:
     return {"attn.qkv_proj.weight": [q_rows, kv_rows, kv_rows], "mlp.gate_up_proj.weight": [config.ffn_dim] * 2}
 
 
+def window_fields(config: ModelConfig) -> dict:
+    """The architecture and window fields of config.json: Llama's, or Ministral's for a sliding-window model."""
+    if config.window is None:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    layer_types = ["full_attention" if w is None else "sliding_attention" for w in config.layer_windows()]
+    return {
+        "architectures": ["MinistralForCausalLM"],
+        "model_type": "ministral",
+        "sliding_window": config.window,
+        "layer_types": layer_types,
+    }
+
+
+def window_config(hf: dict, path: Path) -> dict:
+    """window and window_pattern of a Llama, Mistral or Ministral config.json (a layer_types period as the pattern)."""
+    window = hf.get("sliding_window") if hf.get("model_type") != "llama" else None
+    n_layers = hf["num_hidden_layers"] if isinstance(hf["num_hidden_layers"], int) else 0  # ModelConfig checks it
+    layer_types = hf.get("layer_types") or ["sliding_attention"] * n_layers  # Mistral: every layer
+    if not isinstance(layer_types, list) or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise CheckpointError(
+            f"{path}: layer_types={show(layer_types)} must list sliding_attention or full_attention per layer"
+        )
+    pattern = "".join("S" if kind == "sliding_attention" else "L" for kind in layer_types)
+    if window is None or "S" not in pattern:
+        return {}
+    period = next(p for p in range(1, len(pattern) + 1) if all(c == pattern[i % p] for i, c in enumerate(pattern)))
+    return {"window": window, "window_pattern": pattern[:period]}
+
+
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The Llama config.json fields describing `config`."""
+    """The Llama (or, with a window, Ministral) config.json fields describing `config`."""
     return (
-        {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        window_fields(config)
         | {hf_key: getattr(config, field) for field, hf_key in CONFIG_NAMES.items()}
         | {
             "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
@@ -88,7 +120,8 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
 
 
 def export_hf(model: MiniGrok, directory: str | Path) -> None:
-    """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads."""
+    """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads (a windowed
+    model: MinistralForCausalLM, or AutoModelForCausalLM)."""
     config, state = model.config, model.state_dict()
     if config.n_experts:
         raise ValueError(
@@ -122,9 +155,10 @@ _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older Llama checkpoints c
 def _config_from_hf(hf: object, path: Path) -> ModelConfig:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a Llama config object")
-    if hf.get("model_type") != "llama":
+    if hf.get("model_type") not in ("llama", "mistral", "ministral"):
         raise CheckpointError(
-            f"{path}: model_type={show(hf.get('model_type'))}; import_hf reads Llama checkpoints only"
+            f"{path}: model_type={show(hf.get('model_type'))}; import_hf reads Llama, Mistral and Ministral "
+            "checkpoints only"
         )
     if missing := [key for key in _REQUIRED_HF if key not in hf]:
         raise CheckpointError(f"{path} lacks {missing}: a Llama config.json needs {list(_REQUIRED_HF)}")
@@ -150,6 +184,7 @@ def _config_from_hf(hf: object, path: Path) -> ModelConfig:
         fields["head_dim"] = fields["dim"] // n_heads
     fields["tie_embeddings"] = bool(fields.get("tie_embeddings", False))  # Llama's defaults, where ours differ
     fields.setdefault("norm_eps", 1e-6)
+    fields |= window_config(hf, path)
     try:
         return ModelConfig(**fields)
     except (ConfigError, TypeError) as error:

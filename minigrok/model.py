@@ -44,19 +44,22 @@ class ModelOutput:
 
 
 class KVCache:
-    """Static key/value buffers [n_layers, B, n_kv_heads, max_len, head_dim], one per logical layer, with each row's
-    length held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
+    """Static key/value buffers [n_full_attention_layers, B, n_kv_heads, max_len, head_dim] with each row's length
+    held as a tensor: every decode step has the same shapes whatever the positions (gpt-fast style).
 
     Row b holds its tokens at positions 0 .. lengths[b] - 1; a step writes each row at its own next position and
     attends over the whole buffer, each row seeing its own keys only (`functional.attention(key_lengths=)`). Rows
     are slots: `reset(rows)` empties some for new sequences while the others go on. The RoPE tables for max_len
     positions are built once, here.
 
-    Only attention layers hold keys and values. A convolution layer (layer_pattern C) needs a row's last k - 1 gated
-    inputs alone: `conv_inputs` [n_conv_layers, B, k - 1 + rollback + 1, dim] is a ring holding position p at slot
-    p % (k - 1 + rollback), whatever max_len; `rollback` is how far a row's length may be set back with its state still
-    there (speculative decoding), and the last slot takes the writes a forward must not keep: the padding past a
-    prefilled row's `ends`, positions older than the ring.
+    Only full attention layers hold max_len positions. The others keep rings bounded whatever the row's length,
+    position p at slot p % slots, each the reach of a position (window - 1 keys, or k - 1 conv inputs, before it)
+    plus `rollback`: how far a row's length may be set back below the furthest position written, and how many tokens
+    a forward may add to a row, with every state the next forward needs still there (speculative decoding).
+    Windowed attention layers (config.layer_windows) keep `ring_keys`/`ring_values` [n_windowed, B, n_kv_heads,
+    window - 1 + rollback, head_dim]. Convolution layers (layer_pattern C) keep `conv_inputs` [n_conv, B, k - 1 +
+    rollback + 1, dim] of their gated inputs, whose last slot takes the writes a forward must not keep: the padding
+    past a prefilled row's `ends`, positions older than the ring.
     """
 
     def __init__(
@@ -68,25 +71,40 @@ class KVCache:
         device: torch.device,
         rollback: int = 1,
     ):
-        kinds = config.layer_kinds()
-        self.index = [kinds.count(kind, 0, layer) for layer, kind in enumerate(kinds)]  # within its kind's buffers
-        shape = (kinds.count("A"), batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.windows = config.layer_windows()
+        # Each logical layer's buffers: A full keys and values, W a windowed layer's rings, C conv inputs.
+        stores = "".join(
+            "C" if kind == "C" else "A" if window is None else "W"
+            for kind, window in zip(config.layer_kinds(), self.windows, strict=True)
+        )
+        self.index = [stores.count(store, 0, layer) for layer, store in enumerate(stores)]  # within its buffers
+        self.rollback = rollback
+        shape = (stores.count("A"), batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.ring = config.conv_kernel_size - 1 + rollback
-        conv_shape = (kinds.count("C"), batch_size, self.ring + 1, config.dim)
+        self.window_ring = min(max_len, (config.window or 1) - 1 + rollback)
+        ring_shape = (stores.count("W"), batch_size, config.n_kv_heads, self.window_ring, config.head_dim)
+        self.ring_keys = torch.zeros(ring_shape, dtype=dtype, device=device)
+        self.ring_values = torch.zeros(ring_shape, dtype=dtype, device=device)
+        self.conv_ring = config.conv_kernel_size - 1 + rollback
+        conv_shape = (stores.count("C"), batch_size, self.conv_ring + 1, config.dim)
         self.conv_inputs = torch.zeros(conv_shape, dtype=dtype, device=device)
-        self.ends = None  # during a prefill of right-padded rows: each row's own length, past which is padding
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written in each row
         self.cos, self.sin = functional.rope_cos_sin(
             torch.arange(max_len, device=device), config.head_dim, config.rope_theta
         )
         self.empty = True  # no row holds a token: a multi-token input is a prefill from position 0 (known host-side)
         self.rows = torch.arange(batch_size, device=device)[:, None]
-        self.positions = self.key_lengths = None  # of the forward pass under way
+        # Of the forward pass under way; `ends`: in a prefill of right-padded rows, each row's own length.
+        self.positions = self.key_lengths = self.ends = None
 
     def start(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Begin a forward of `length` tokens per row: fix their positions; return their cos/sin tables."""
+        if not self.empty and length > self.rollback and len(self.ring_keys):
+            raise ValueError(
+                f"a forward of {length} tokens continuing the cache needs rollback >= {length} for the windowed "
+                f"layers, which have rollback={self.rollback}: build the KVCache with rollback={length}"
+            )
         self.positions = self.lengths[:, None] + torch.arange(length, device=self.lengths.device)  # [B, T]
         # A prefill of empty rows attends causally over its own keys alone (the fast causal path); anything else
         # attends over the whole buffer, each query seeing its row's keys up to its own position.
@@ -96,26 +114,54 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at each row's positions; return the keys, values and key lengths to attend over
         (None: the causal prefill of an empty cache attends over k and v alone)."""
-        layer = self.index[layer]
-        self.keys[layer, self.rows, :, self.positions] = k.transpose(1, 2).to(self.keys.dtype)
-        self.values[layer, self.rows, :, self.positions] = v.transpose(1, 2).to(self.values.dtype)
+        index = self.index[layer]
+        if self.windows[layer] is not None:
+            keys, values = self.ring_keys[index], self.ring_values[index]
+            self.write_ring(keys, k)
+            self.write_ring(values, v)
+        else:
+            keys, values = self.keys[index], self.values[index]
+            keys[self.rows, :, self.positions] = k.transpose(1, 2).to(keys.dtype)
+            values[self.rows, :, self.positions] = v.transpose(1, 2).to(values.dtype)
         if self.key_lengths is None:
             return k, v, None
-        return self.keys[layer], self.values[layer], self.key_lengths
+        return keys, values, self.key_lengths
+
+    def write_ring(self, ring: torch.Tensor, new: torch.Tensor) -> None:
+        """Write new [B, Hkv, T, D] into a windowed layer's ring [B, Hkv, slots, D]; past `slots` tokens each slot
+        takes the last one that lands there before the row's end (its real end, in a right-padded prefill)."""
+        slots = self.window_ring
+        if new.shape[2] <= slots:  # distinct slots: a scatter
+            ring[self.rows, :, self.positions % slots] = new.transpose(1, 2).to(ring.dtype)
+            return
+        ends = self.positions[:, -1] + 1 if self.ends is None else self.ends
+        offset = functional.ring_positions(ends, slots) - self.positions[:, :1]  # [B, slots] into `new`
+        gathered = new.gather(2, offset.clamp(min=0)[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3]))
+        ring.copy_(torch.where((offset >= 0)[:, None, :, None], gathered.to(ring.dtype), ring))
+
+    def right_padded(self, lengths: torch.Tensor) -> None:
+        """The next forward is of right-padded rows: row b's tokens end at lengths[b], which become the lengths; its
+        rings keep its own last positions, not the padding's."""
+        self.ends = lengths
 
     def conv_window(self, layer: int, inputs: torch.Tensor, kernel_size: int) -> torch.Tensor:
         """A conv layer's inputs at positions first - k + 1 .. last [B, k - 1 + T, dim] (zeros before position 0)
         given the new ones [B, T, dim], which then go into the ring."""
         buffer = self.conv_inputs[self.index[layer]]
         before = self.positions[:, :1] + torch.arange(1 - kernel_size, 0, device=buffer.device)  # [B, k - 1]
-        cached = buffer[self.rows, before.clamp(min=0) % self.ring] * (before >= 0)[..., None]
+        slots = self.conv_ring
+        cached = buffer[self.rows, before.clamp(min=0) % slots] * (before >= 0)[..., None]
         end = self.positions[:, -1:] + 1 if self.ends is None else self.ends[:, None]
-        keep = (self.positions < end) & (self.positions >= end - self.ring)  # distinct slots: the last ring ones
-        buffer[self.rows, torch.where(keep, self.positions % self.ring, self.ring)] = inputs.to(buffer.dtype)
+        keep = (self.positions < end) & (self.positions >= end - slots)  # distinct slots: the last ring ones
+        buffer[self.rows, torch.where(keep, self.positions % slots, slots)] = inputs.to(buffer.dtype)
         return torch.cat([cached.to(inputs.dtype), inputs], dim=1)
 
     def advance(self, length: int) -> None:
-        self.lengths += length
+        if self.ends is None:
+            self.lengths += length
+        else:
+            self.lengths.copy_(self.ends)
+            self.ends = None
         self.empty = False
 
     def slots(self, start: int, stop: int) -> KVCache:
@@ -124,10 +170,20 @@ class KVCache:
         their state."""
         view = copy.copy(self)
         view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.ring_keys, view.ring_values = self.ring_keys[:, start:stop], self.ring_values[:, start:stop]
         view.conv_inputs = self.conv_inputs[:, start:stop]
         view.lengths, view.rows = self.lengths[start:stop], self.rows[: stop - start]
         view.empty = False
         return view
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row `target` a copy of row `source` (its keys, values, rings and length)."""
+        length = int(self.lengths[source])
+        for buffer in (self.keys, self.values):
+            buffer[:, target, :, :length] = buffer[:, source, :, :length]
+        for buffer in (self.ring_keys, self.ring_values, self.conv_inputs):
+            buffer[:, target] = buffer[:, source]
+        self.lengths[target] = length
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Empty the given rows (all by default): their stale keys are masked out until overwritten."""
@@ -161,6 +217,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.backend = config.backend
+        self.windows = config.layer_windows()  # the window at each logical layer (a shared block runs at several)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, H, T, D] and k, v [B, Hkv, T, D] of x [B, T, dim], RoPE applied to q and k."""
@@ -175,9 +232,17 @@ class Attention(nn.Module):
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None):
-        """Causal attention of q over k, v: [B, H, T, D]; with a KV cache's `key_lengths` [B], over each row's keys."""
-        return functional.attention(q, k, v, causal=True, backend=self.backend, key_lengths=key_lengths)
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_lengths: torch.Tensor | None = None,
+        window: int | None = None,
+    ):
+        """Causal attention of q over k, v: [B, H, T, D]; with a KV cache's `key_lengths` [B], over each row's keys;
+        with `window`, each query sees itself and the window - 1 positions before it."""
+        return functional.attention(q, k, v, causal=True, window=window, backend=self.backend, key_lengths=key_lengths)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """The heads of y [B, H, T, D] merged and projected back to [B, T, dim]."""
@@ -232,12 +297,13 @@ class Block(nn.Module):
         if checkpointing == "selective":
             # The attention op runs outside the checkpoints, so its inputs and outputs are kept for backward.
             q, k, v = checkpoint(self.attention_inputs, x, cos, sin, use_reentrant=False)
-            return checkpoint(self.after_attention, self.attn.attend(q, k, v), x, use_reentrant=False)
+            y = self.attn.attend(q, k, v, window=self.attn.windows[layer])
+            return checkpoint(self.after_attention, y, x, use_reentrant=False)
         q, k, v = self.attention_inputs(x, cos, sin)
         key_lengths = None
         if cache is not None:
             k, v, key_lengths = cache.update(layer, k, v)
-        return self.after_attention(self.attn.attend(q, k, v, key_lengths), x)
+        return self.after_attention(self.attn.attend(q, k, v, key_lengths, self.attn.windows[layer]), x)
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.attn.project(self.attn_norm(x), cos, sin)

@@ -5,7 +5,11 @@ and the output head, tied or not; of an MoE MLP the router, the shared expert an
 T the context and d_attn = n_heads * head_dim:
     forward  = 2 * N_matmul + 4 * n_attention_layers * T * d_attn * 1/2   (QK^T and AV; causal: half the keys)
                + 2 * n_conv_layers * conv_kernel_size * dim                  (the depthwise taps of C layers)
+(a windowed layer: T/2 less the keys its window hides from positions 0 .. T - 1, on average, where p sees <= window)
     training = 3 * forward                                      (the backward costs twice the forward)
+KV-cache bytes per token are those a sequence of T tokens holds, divided by T: a full attention layer keeps every
+token, a windowed one (config.window) at most `window` of them (its ring buffer), so windowed models cost less per
+token the longer the context; conv layers hold no keys, only a constant state per sequence.
 MFU is achieved model FLOP/s over the machine's measured matmul peak in the same dtype (minigrok.machine).
 
 Weight schemes are sized from the tensors their checkpoint holds: every tensor in fp32 or bf16, or the packed
@@ -54,7 +58,9 @@ class ModelReport:
     context: int
     forward_flops_per_token: int  # 2 * matmul params + causal attention at `context`
     train_flops_per_token: int  # three times the forward
-    kv_cache_bytes_per_token: dict[str, int]  # keys and values of the attention layers
+    kv_cache_bytes_per_token: dict[str, int]  # attention layers' K/V at `context` (windowed: min(window, context))
+    windowed_layers: int  # of the attention layers, each attending over (and caching) at most `window` positions
+    window: int | None
     conv_state_bytes: dict[str, int]  # per sequence, whatever its length: the last k - 1 inputs of each conv layer
     checkpoint_bytes: dict[str, int]
     schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
@@ -71,6 +77,16 @@ class ModelReport:
             )
         return rows
 
+    @property
+    def at(self) -> str:
+        """@ context where the KV bytes per token depend on it (windowed layers), else nothing."""
+        return f" @ {self.context}" if self.windowed_layers else ""
+
+    def window_rows(self) -> list[tuple[str, str]]:
+        if not self.windowed_layers:
+            return []
+        return [("windowed layers", f"{self.windowed_layers}, each caching min({self.window}, context) tokens")]
+
     def __str__(self) -> str:
         sparse = self.active_params != self.total_params  # a mixture of experts: a token uses some of them
         rows = [
@@ -80,7 +96,8 @@ class ModelReport:
             ("non-embedding parameters", f"{self.non_embedding_params:,}"),
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
-            *((f"KV cache bytes / token ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
+            *self.window_rows(),
+            *((f"KV cache bytes / token{self.at} ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
             *((f"conv state bytes / sequence ({d})", f"{b:,}") for d, b in self.conv_state_bytes.items() if b),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
             *self.scheme_rows(),
@@ -118,13 +135,18 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     total = sum(params[key] for key in positions) + outside  # shared blocks once per position
     active_params = sum(active[key] for key in positions) + outside
     matmul_params = sum(matmul[key] for key in positions) + embedding  # the head, tied or not
-    attention_layers, conv_layers = (config.layer_kinds().count(kind) for kind in "AC")
+    conv_layers = config.layer_kinds().count("C")
     attention_dim = config.n_heads * config.head_dim
-    # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average.
-    attention_flops = 2 * 2 * attention_layers * context * attention_dim // 2
+    windows = [w for w, kind in zip(config.layer_windows(), config.layer_kinds(), strict=True) if kind == "A"]
+    # Causal attention at context T: QK^T and AV, 2 FLOPs each per multiply-add, half the keys on average (a
+    # windowed layer: less those its window hides).
+    mean_keys = sum(context / 2 - (0 if w is None else hidden_keys(context, w) / context) for w in windows)
+    attention_flops = round(2 * 2 * attention_dim * mean_keys)
     conv_flops = 2 * conv_layers * config.conv_kernel_size * config.dim
     forward = 2 * matmul_params + attention_flops + conv_flops
-    kv_per_token = 2 * attention_layers * config.n_kv_heads * config.head_dim
+    # Bytes per token of a sequence of `context` tokens: a windowed layer holds min(window, context) of them.
+    cached = sum(1 if w is None else min(w, context) / context for w in windows)
+    kv_per_token = round(2 * cached * config.n_kv_heads * config.head_dim)
     conv_state = conv_layers * (config.conv_kernel_size - 1) * config.dim
     return ModelReport(
         total_params=total,
@@ -135,10 +157,18 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         forward_flops_per_token=forward,
         train_flops_per_token=3 * forward,
         kv_cache_bytes_per_token={d: kv_per_token * b for d, b in DTYPE_BYTES.items()},
+        windowed_layers=sum(w is not None for w in windows),
+        window=config.window,
         conv_state_bytes={d: conv_state * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
         schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
     )
+
+
+def hidden_keys(context: int, window: int) -> int:
+    """The causal keys a window hides from all queries at positions 0 .. context - 1: sum of max(0, p + 1 - window)."""
+    beyond = max(0, context - window)
+    return beyond * (beyond + 1) // 2
 
 
 def scheme_size(

@@ -116,7 +116,8 @@ def speculative_rows(
     needed = max(len(prompt) + row.max_new_tokens for prompt, row in zip(prompts, rows, strict=True))
     # A round writes up to num_draft_tokens positions past the kept ones, which are then rolled back.
     max_len = max(cache_length(needed, target.config.max_seq_len), needed + num_draft_tokens)
-    # Each round sets the lengths back by up to num_draft_tokens + 2 (the draft's) from the furthest written.
+    # Each round sets the lengths back by up to num_draft_tokens + 2 (the draft's) from the furthest written, and
+    # the target goes on by num_draft_tokens + 1 tokens at once: both within the rings' rollback.
     logits, target_cache = prefill(target, prompts, max_len, rollback=num_draft_tokens + 2)
     _, draft_cache = prefill(draft, prompts, max_len, rollback=num_draft_tokens + 2)
     check_finite(logits, 0)

@@ -10,7 +10,12 @@ from .arguments import add_checkpoint_arguments, add_config_arguments
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--context", type=int, default=None, help="context length for FLOPs (default: max_seq_len)")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="context length for FLOPs and windowed layers' KV bytes (default: max_seq_len)",
+    )
 
 
 def run_info(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ CUDA tensors to the Triton kernel in `minigrok.kernels` when triton imports (see
 """
 
 from ._dispatch import BACKENDS, triton_available, use_triton
-from .attention import attention, attention_mask
+from .attention import attention, attention_mask, ring_positions
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .distillation import DistillationLoss, linear_distillation_loss
 from .quantized_matmul import dequantize, quantized_matmul
@@ -24,6 +24,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_distillation_loss",
     "quantized_matmul",
+    "ring_positions",
     "rms_norm",
     "rope_cos_sin",
     "swiglu",

@@ -68,9 +68,11 @@ def attention(
     whose fp32 dots use TF32 tensor cores unless `allow_tf32=False` (exact fp32; the decode kernel is always exact,
     the PyTorch path follows torch.backends).
 
-    `key_lengths` [B] replaces `causal` and `window` for a static KV cache whose rows hold different lengths: row
-    b's Tq queries are its tokens key_lengths[b] - Tq .. key_lengths[b] - 1, each seeing the row's keys up to its
-    own position; keys past a row's length are never seen. A single query takes the decode kernel on Triton.
+    `key_lengths` [B] replaces `causal` for a static KV cache whose rows hold different lengths: row b's Tq queries
+    are its tokens key_lengths[b] - Tq .. key_lengths[b] - 1, each seeing the row's keys up to its own position (and
+    within `window`); keys past a row's length are never seen. The Tk slots are a ring: position p sits in slot
+    p % Tk, each slot holding the last position written there, so a row longer than Tk keeps its last Tk keys (a
+    windowed layer's bounded cache). A single query takes the decode kernel on Triton.
     """
     _check_attention_args(q, k, v, window)
     triton = use_triton(backend, q)
@@ -84,8 +86,8 @@ def attention(
                 f"{tuple(key_lengths.shape)}"
             )
         if triton and decode_step:
-            return decode_attention(q, k, v, scale=scale, key_lengths=key_lengths)
-        return masked_attention(q, k, v, key_lengths, scale)
+            return decode_attention(q, k, v, scale=scale, key_lengths=key_lengths, window=window)
+        return masked_attention(q, k, v, key_lengths, scale, window)
     if triton:
         if decode_step:
             # One query after the last key (a decode step) sees every key, or with a window only the last `window`.
@@ -106,17 +108,32 @@ def attention(
     return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def ring_positions(key_lengths: torch.Tensor, slots: int) -> torch.Tensor:
+    """[B, slots]: the position each slot of a ring of `slots` holds in a row of key_lengths[b] tokens, the last
+    p < key_lengths[b] with p % slots == slot (negative: never written). Below `slots` tokens, slot s holds s."""
+    last = key_lengths[:, None] - 1
+    return last - (last - torch.arange(slots, device=key_lengths.device)) % slots
+
+
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of a few queries per row over a static KV cache whose rows hold key_lengths [B] keys (see
-    `attention`). Each GQA group's query heads are folded into the query axis, so every K/V head is read once by
-    all the queries that share it and never repeated."""
+    """Attention of a few queries per row over a static KV cache (a ring, see `attention`) whose rows hold
+    key_lengths [B] keys. Each GQA group's query heads are folded into the query axis, so every K/V head is read
+    once by all the queries that share it and never repeated."""
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     query_positions = key_lengths[:, None] - q_len + torch.arange(q_len, device=q.device)  # [B, Tq]
-    mask = torch.arange(kv_len, device=q.device) <= query_positions[:, :, None]  # [B, Tq, Tk]
+    distance = query_positions[:, :, None] - ring_positions(key_lengths, kv_len)[:, None, :]  # [B, Tq, Tk]
+    mask = (distance >= 0) & (distance <= query_positions[:, :, None])  # not in the future, written
+    if window is not None:
+        mask &= distance < window
     folded = q.reshape(batch, n_kv_heads, group * q_len, head_dim)  # query head h = kv head * group + g
     mask = mask[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
     out = scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)

@@ -242,11 +242,7 @@ class Engine:
         for index in sorted(done, reverse=True):
             last = len(self.rows) - 1
             if index != last:
-                length = int(self.cache.lengths[last])
-                for buffer in (self.cache.keys, self.cache.values):
-                    buffer[:, index, :, :length] = buffer[:, last, :, :length]
-                self.cache.conv_inputs[:, index] = self.cache.conv_inputs[:, last]
-                self.cache.lengths[index] = length
+                self.cache.copy_row(last, index)
                 self.rows[index] = self.rows[last]
             self.rows.pop()
 

@@ -116,6 +116,44 @@ def test_key_lengths_read_each_row_its_own_keys(dtype):
     torch.testing.assert_close(attention(q, k, v, backend="torch", key_lengths=lengths), out, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize(("window", "dtype"), [(1, torch.float32), (13, torch.float32), (40, torch.bfloat16)])
+def test_a_ring_cache_shows_each_row_its_last_window_positions(window, dtype):
+    """A ring of 40 slots (position p in slot p % 40) whose rows hold 1, 5, 39, 70 and 300 tokens: the query at each
+    row's last position sees the slots of its last `window` positions, gathered here one by one; the ring's other
+    slots are poisoned with NaN."""
+    q, k, v = make_inputs((5, 8, 2, 40, 64, dtype), seed=3)
+    lengths = [1, 5, 39, 70, 300]
+    seen = [[p % 40 for p in range(max(0, length - window), length)] for length in lengths]
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for row, slots in enumerate(seen):
+        unseen = [slot for slot in range(40) if slot not in slots]
+        poisoned_k[row, :, unseen] = poisoned_v[row, :, unseen] = float("nan")
+    key_lengths = torch.tensor(lengths)
+    out = decode.decode_attention(q, poisoned_k, poisoned_v, key_lengths=key_lengths, window=window)
+    for row, slots in enumerate(seen):
+        keys, values = k[row : row + 1, :, slots], v[row : row + 1, :, slots]
+        expected = reference(q[row : row + 1].double(), keys.double(), values.double())
+        assert_matches_reference([out[row : row + 1]], [reference(q[row : row + 1], keys, values)], [expected], dtype)
+    torch.testing.assert_close(
+        attention(q, k, v, backend="torch", key_lengths=key_lengths, window=window), out, rtol=2e-2, atol=2e-2
+    )
+
+
+def test_a_ring_cache_shows_several_queries_their_own_windows():
+    """The PyTorch path's ring mask for 3 queries per row: query j of a row of L tokens sits at L - 3 + j."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 4, 3, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 9, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    lengths, window = [3, 9, 25], 6
+    out = attention(q, k, v, key_lengths=torch.tensor(lengths), window=window, backend="torch")
+    for row, length in enumerate(lengths):
+        for j in range(3):
+            position = length - 3 + j
+            slots = [p % 9 for p in range(max(0, position - window + 1), position + 1)]
+            expected = reference(q[row : row + 1, :, j : j + 1], k[row : row + 1, :, slots], v[row : row + 1, :, slots])
+            torch.testing.assert_close(out[row : row + 1, :, j : j + 1], expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kv_rows, kv_len, target, expected",
     [
@@ -146,9 +184,9 @@ def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Record the k shape of every decode_attention launch."""
     calls, kernel = [], decode.decode_attention
 
-    def counted(q, k, v, scale=None, key_lengths=None):
+    def counted(q, k, v, scale=None, key_lengths=None, window=None):
         calls.append(tuple(k.shape) if key_lengths is None else (*k.shape, key_lengths.tolist()))
-        return kernel(q, k, v, scale=scale, key_lengths=key_lengths)
+        return kernel(q, k, v, scale=scale, key_lengths=key_lengths, window=window)
 
     monkeypatch.setattr(decode, "decode_attention", counted)
     return calls

@@ -6,10 +6,14 @@ import torch
 from minigrok import MiniGrok, ModelConfig
 
 
-@pytest.mark.parametrize("share, layer_pattern", [("none", "A"), ("cycle", "A"), ("none", "CA")])
-def test_triton_backend_matches_torch_backend(share, layer_pattern):
+@pytest.mark.parametrize(
+    ("share", "window", "layer_pattern"),
+    [("none", None, "A"), ("cycle", None, "A"), ("cycle", 5, "A"), ("none", None, "CA")],
+)
+def test_triton_backend_matches_torch_backend(share, window, layer_pattern):
     torch.manual_seed(0)
-    overrides = {"share": share, "n_unique_layers": None, "backend": "torch", "layer_pattern": layer_pattern}
+    overrides = {"share": share, "n_unique_layers": None, "backend": "torch", "window": window}
+    overrides |= {"layer_pattern": layer_pattern} | ({"n_layers": 4, "window_pattern": "SSL"} if window else {})
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config)
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"}))
@@ -28,13 +32,16 @@ def test_triton_backend_matches_torch_backend(share, layer_pattern):
         torch.testing.assert_close(tri_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("layer_pattern", ["A", "CA"])
-def test_triton_backend_generation_with_kv_cache(layer_pattern):
+@pytest.mark.parametrize(("window", "layer_pattern"), [(None, "A"), (3, "A"), (None, "CA"), (3, "CA")])
+def test_triton_backend_generation_with_kv_cache(window, layer_pattern):
+    """With a window of 3 the decode steps run far past it, the windowed layer through its ring of 3 slots."""
     torch.manual_seed(2)
     overrides = {"backend": "torch", "layer_pattern": layer_pattern}
+    overrides |= {"window": window, "window_pattern": "SL"} if window else {}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config).eval()
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"})).eval()
     triton_model.load_state_dict(reference.state_dict())
-    prompt = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(triton_model.generate(prompt, 6, temperature=0), reference.generate(prompt, 6, temperature=0))
+    prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    expected = reference.generate(prompt, 12, temperature=0)
+    assert torch.equal(triton_model.generate(prompt, 12, temperature=0), expected)

@@ -19,12 +19,12 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
 
 
 @torch.no_grad()
-def check_ragged_decoding(model: MiniGrok, lengths: list[int], extra: int, seed: int) -> KVCache:
+def check_ragged_decoding(model: MiniGrok, lengths: list[int], extra: int, seed: int, max_len: int = 32) -> KVCache:
     """Prefill right-padded prompts of `lengths`, then feed each row its own next `extra` tokens one at a time:
     assert every row's logits are the full forward's of that row alone; return the cache."""
     vocab = model.config.vocab_size
     sequences = [torch.tensor(s) for s in random_prompts([n + extra for n in lengths], vocab, seed=seed)]
-    first, cache = prefill(model, [s[:n] for s, n in zip(sequences, lengths, strict=True)], max_len=32)
+    first, cache = prefill(model, [s[:n] for s, n in zip(sequences, lengths, strict=True)], max_len=max_len)
     steps = [first]
     for t in range(extra):
         tokens = torch.stack([s[n + t] for s, n in zip(sequences, lengths, strict=True)])

@@ -125,3 +125,67 @@ def test_mixed_dtypes_are_refused(tmp_path):
     save_file(tensors, directory / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"the weights are \['F16', 'F32'\]"):
         import_hf(directory)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(window=5, window_pattern="SSL", n_kv_heads=2),  # alternating, GQA
+        dict(window=1, n_kv_heads=1),  # every layer windowed, MQA: Mistral's single sliding_window
+        dict(window=7, window_pattern="LS", share="cycle", n_unique_layers=2),  # the pattern over logical depth
+    ],
+)
+def test_windowed_export_matches_transformers_logits(tmp_path, overrides):
+    """Sliding-window models export as Ministral (Llama's tensors with sliding_window and layer_types): the logits
+    of transformers' own model, built by AutoModelForCausalLM, on a sequence well past the window."""
+    torch.manual_seed(3)
+    config = ModelConfig(
+        **(dict(vocab_size=101, dim=48, n_layers=4, n_heads=4, ffn_dim=72, max_seq_len=64) | overrides)
+    )
+    model = MiniGrok(config).eval()
+    export_hf(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "ministral" and written["sliding_window"] == config.window
+    ids = torch.randint(0, 101, (2, 23))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MinistralForCausalLM"
+    with torch.no_grad():
+        ours = model(ids).logits
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-5, atol=1e-5)
+        full = MiniGrok(ModelConfig(**(config.to_dict() | {"window": None, "window_pattern": "S"}))).eval()
+        full.load_state_dict(model.state_dict())
+        assert not torch.allclose(full(ids).logits, ours, atol=1e-3)  # the window matters at this length
+    back = import_hf(tmp_path)
+    assert back.config.layer_windows() == config.layer_windows()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_import_mistral_with_a_sliding_window(tmp_path):
+    """Mistral applies its sliding_window to every layer: the import windows each one and gives its logits."""
+    torch.manual_seed(4)
+    hf_config = transformers.MistralConfig(
+        vocab_size=89,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=6,
+    )
+    hf = transformers.MistralForCausalLM(hf_config).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = import_hf(tmp_path)
+    assert model.config.layer_windows() == [6, 6, 6]
+    ids = torch.randint(0, 89, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_layer_types_are_refused(tmp_path):
+    directory, config, _ = exported(tmp_path, window=3, window_pattern="SL")
+    config["layer_types"] = ["sliding_attention", "chunked_attention"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="layer_types=.*must list sliding_attention or full_attention"):
+        import_hf(directory)
