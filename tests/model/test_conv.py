@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_generate import check_ragged_decoding, random_prompts
+from test_generate import check_ragged_decoding, greedy_alone, random_prompts
 
 from minigrok import MiniGrok, ModelConfig
 from minigrok.config import ConfigError
@@ -80,9 +80,7 @@ def test_ragged_batch_generates_what_each_prompt_gives_alone():
     model = make_model(2, n_layers=6, share="cycle", n_unique_layers=3)
     prompts = random_prompts([5, 1, 17, 9], 101, seed=3)
     budgets = [7, 12, 3, 9]
-    batched = model.generate_batch(prompts, budgets, temperature=0)
-    for prompt, budget, tokens in zip(prompts, budgets, batched, strict=True):
-        assert tokens == model.generate(torch.tensor([prompt]), budget, temperature=0)[0, len(prompt) :].tolist()
+    assert model.generate_batch(prompts, budgets, temperature=0) == greedy_alone(model, prompts, budgets)
     sampled = model.generate_batch(prompts, 8, temperature=0.8, top_k=20, seed=5)
     assert sampled[2] == model.generate_batch([prompts[2]], 8, temperature=0.8, top_k=20, seed=7)[0]
 
@@ -199,8 +197,7 @@ def test_serve_engine_rows_give_what_each_prompt_gives_alone():
         engine.step()
     while engine.rows or engine.waiting:
         engine.step()
-    for key, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-        expected = model.generate(torch.tensor([prompt]), budget, temperature=0)[0, len(prompt) :].tolist()
+    for key, (budget, expected) in enumerate(zip(budgets, greedy_alone(model, prompts, budgets), strict=True)):
         assert "".join(output.text for output in outputs[key]) == tokenizer.decode([t for t in expected if t < 256])
         assert outputs[key][-1].tokens == budget
 

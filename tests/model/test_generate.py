@@ -19,6 +19,14 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
 
 
 @torch.no_grad()
+def greedy_alone(model: MiniGrok, prompts: list[list[int]], budgets: list[int]) -> list[list[int]]:
+    """Each prompt's greedy new tokens, generated on its own: what a ragged batch must reproduce row by row."""
+    return [
+        model.generate(torch.tensor([prompt]), budget, temperature=0)[0, len(prompt) :].tolist()
+        for prompt, budget in zip(prompts, budgets, strict=True)
+    ]
+
+
 def check_ragged_decoding(model: MiniGrok, lengths: list[int], extra: int, seed: int, max_len: int = 32) -> KVCache:
     """Prefill right-padded prompts of `lengths`, then feed each row its own next `extra` tokens one at a time:
     assert every row's logits are the full forward's of that row alone; return the cache."""
@@ -68,10 +76,7 @@ def test_batch_of_ragged_prompts_generates_what_each_would_alone(heads, share):
     model = make_model(3, n_heads=n_heads, n_kv_heads=n_kv_heads, share=share)
     prompts = random_prompts([1, 40, 7, 23], 101, seed=3)
     budgets = [9, 4, 12, 0]
-    alone = [
-        model.generate(torch.tensor([p]), n, temperature=0)[0, len(p) :].tolist()
-        for p, n in zip(prompts, budgets, strict=True)
-    ]
+    alone = greedy_alone(model, prompts, budgets)
     assert model.generate_batch(prompts, budgets, temperature=0) == alone
     assert [len(tokens) for tokens in alone] == budgets
     # Per-row stop tokens: each row ends at (and keeps) the first of its own stop tokens.
@@ -87,10 +92,7 @@ def test_a_row_done_early_stays_inside_the_cache_while_a_long_one_goes_on():
     model = make_model(3)
     prompts = random_prompts([3, 20, 1, 2], 101, seed=5)
     budgets = [10, 3, 17, 0]
-    alone = [
-        model.generate(torch.tensor([p]), n, temperature=0)[0, len(p) :].tolist()
-        for p, n in zip(prompts, budgets, strict=True)
-    ]
+    alone = greedy_alone(model, prompts, budgets)
     assert model.generate_batch(prompts, budgets, temperature=0) == alone
 
 

@@ -13,6 +13,17 @@ from minigrok.hf import export_hf, import_hf
 transformers = pytest.importorskip("transformers", reason="HF parity needs the dev extra (pip install -e '.[dev]')")
 
 
+# The small Hugging Face model the import tests build: 3 layers of width 64, 4 query heads.
+SMALL_HF = dict(
+    vocab_size=89,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+
+
 def hf_logits(directory, ids):
     hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -50,13 +61,8 @@ def test_export_matches_transformers_logits(tmp_path, overrides):
 def test_import_random_llama(tmp_path, n_kv_heads, tied):
     torch.manual_seed(1)
     hf_config = transformers.LlamaConfig(
-        vocab_size=89,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+        **SMALL_HF,
         num_key_value_heads=n_kv_heads,
-        max_position_embeddings=128,
         rms_norm_eps=1e-6,
         rope_theta=2000.0,
         tie_word_embeddings=tied,
@@ -164,16 +170,7 @@ def test_windowed_export_matches_transformers_logits(tmp_path, overrides):
 def test_import_mistral_with_a_sliding_window(tmp_path):
     """Mistral applies its sliding_window to every layer: the import windows each one and gives its logits."""
     torch.manual_seed(4)
-    hf_config = transformers.MistralConfig(
-        vocab_size=89,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=6,
-    )
+    hf_config = transformers.MistralConfig(**SMALL_HF, num_key_value_heads=2, sliding_window=6)
     hf = transformers.MistralForCausalLM(hf_config).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     model = import_hf(tmp_path)
