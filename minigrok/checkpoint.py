@@ -220,6 +220,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu", 
     manifest = read_manifest(directory)
     if manifest is not None:
         saved = manifest.get("config") or {}
+        try:  # fields added to ModelConfig since saving take their defaults here, as they do in config.json
+            saved = ModelConfig.from_dict(saved).to_dict()
+        except ConfigError:
+            pass  # compared as it was written
         if changed := sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k)):
             warnings.warn(
                 f"{directory / CONFIG_NAME} differs from the config the weights were saved with in "

@@ -144,6 +144,27 @@ def test_a_shape_neutral_config_edit_loads_with_a_warning_naming_it(tmp_path):
         assert MiniGrok.from_pretrained(tmp_path).config.rope_theta == 500000.0
 
 
+def test_a_checkpoint_saved_before_newer_config_fields_loads_without_a_warning(tmp_path):
+    """config.json and the manifest of an older checkpoint both lack the fields added since (window, MoE, conv
+    layers): both take the defaults, so nothing changed and nothing is said."""
+    import warnings
+
+    model = MiniGrok(ModelConfig(**CONFIG))
+    model.save_pretrained(tmp_path)
+    newer = ("window", "window_pattern", "n_experts", "experts_per_token", "moe_layers", "moe_ffn_dim", "layer_pattern")
+    manifest, config_path = tmp_path / "manifest.json", tmp_path / "config.json"
+    for path, key in ((manifest, "config"), (config_path, None)):
+        data = json.loads(path.read_text())
+        fields = data[key] if key else data
+        for name in newer:
+            del fields[name]
+        path.write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigChangedWarning)
+        loaded = MiniGrok.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.head_weight, model.head_weight)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
 def test_weights_of_an_unexpected_dtype_are_a_clear_error(tmp_path, dtype):
     model = MiniGrok(ModelConfig(**CONFIG))
