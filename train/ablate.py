@@ -40,7 +40,7 @@ NOT_VARIED = SET_BY_ABLATION | {
 }
 # What must stay the same for the runs already in an ablation's directory to compare with new ones.
 FIXED_SPEC = {"base_config": "--base config", "set": "--set", "budget": "--budget", "data": "--data"}
-FIXED_SPEC |= {"val_data": "--val-data", "tokenizer": "--tokenizer", "varied": "--vary fields"}
+FIXED_SPEC |= {"val_data": "--val-data", "tokenizer": "--tokenizer", "varied": "--vary or --variant fields"}
 KV_DTYPE = "bf16"  # KV-cache bytes per token are reported for a bf16 cache, the usual one at inference
 
 
@@ -69,6 +69,13 @@ def _with_section(pair: str) -> str:
     return f"{full_key(key)}={value}" if sep and key else pair
 
 
+def _check_key(key: str, what: str) -> None:
+    """Refuse a varied field that does not exist or that every run of an ablation shares."""
+    parse_overrides([f"{key}=null"], RUN_SECTIONS)  # an unknown section or field: its error names the fix
+    if key in NOT_VARIED:
+        raise ConfigError(f"{what}: {key} is the same for every run of an ablation; {NOT_VARIED[key]}")
+
+
 def parse_vary(texts: list[str]) -> dict[str, list[str]]:
     """{section.field: [values as given]} of the --vary options, each field checked to exist and to be one a
     variant may change."""
@@ -78,9 +85,7 @@ def parse_vary(texts: list[str]) -> dict[str, list[str]]:
         if not sep or not key or not values:
             raise ConfigError(f"--vary {text!r} is not field=v1,v2,...: write e.g. --vary model.n_kv_heads=1,2,4")
         key = full_key(key)
-        parse_overrides([f"{key}=null"], RUN_SECTIONS)  # an unknown section or field: its error names the fix
-        if key in NOT_VARIED:
-            raise ConfigError(f"--vary {text!r}: {key} is the same for every run of an ablation; {NOT_VARIED[key]}")
+        _check_key(key, f"--vary {text!r}")
         if key in vary:
             raise ConfigError(f"--vary {key} is given twice: list all its values in one --vary {key}=v1,v2")
         listed = values.split(",")
@@ -89,6 +94,40 @@ def parse_vary(texts: list[str]) -> dict[str, list[str]]:
             raise ConfigError(f"--vary {text!r} lists an empty or repeated value: give each value once, e.g. 1,2,4")
         vary[key] = listed
     return vary
+
+
+def grid(vary: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every combination of the --vary values, each as {section.field: value}."""
+    return [dict(zip(vary, values, strict=True)) for values in itertools.product(*vary.values())]
+
+
+def parse_variants(texts: list[str]) -> list[dict[str, str]]:
+    """The base config itself, then each --variant field=value,field=value... as one variant: each option alone
+    and any combination of them, without the whole grid."""
+    variants: list[dict[str, str]] = [{}]
+    for text in texts:
+        pairs: dict[str, str] = {}
+        for pair in text.split(","):
+            key, sep, value = pair.partition("=")
+            if not sep or not key or not value:
+                raise ConfigError(
+                    f"--variant {text!r} is not field=value[,field=value...]: write e.g. "
+                    "--variant model.qk_norm=true,train.optimizer=muon"
+                )
+            key = full_key(key)
+            _check_key(key, f"--variant {text!r}")
+            if key in pairs:
+                raise ConfigError(f"--variant {text!r} sets {key} twice: give it once")
+            pairs[key] = value
+        if pairs in variants:
+            raise ConfigError(f"--variant {text!r} is given twice: give each variant once")
+        variants.append(pairs)
+    return variants
+
+
+def columns(variants: list[dict[str, str]]) -> list[str]:
+    """The varied fields, in the order they are first given: one table column each."""
+    return list(dict.fromkeys(key for pairs in variants for key in pairs))
 
 
 def budget_overrides(budget: str | None) -> list[str]:
@@ -110,34 +149,47 @@ def _check(what: str, base: str, overrides: list[str]) -> None:
         raise ConfigError(f"{what}: {error}") from None
 
 
+BASE_VALUE = "—"  # a variant's cell for a field it leaves at the base config's value
+
+
 def _name_part(key: str, value: str) -> str:
     return f"{key.rpartition('.')[2]}={re.sub(r'[^A-Za-z0-9._+-]', '_', value)}"
 
 
-def plan(base: str, fixed: list[str], vary: dict[str, list[str]], budget: str | None, seeds: list[int]) -> list[Run]:
-    """Every variant (the cartesian product of the varied values) at every seed, each config built and checked
-    before anything trains. `fixed` are the --set overrides every run shares."""
+def plan(
+    base: str,
+    fixed: list[str],
+    variants: list[dict[str, str]],
+    budget: str | None,
+    seeds: list[int],
+    option: str = "--vary",
+) -> list[Run]:
+    """Every variant (from `grid` or `parse_variants`, given by `option`) at every seed, each config built and
+    checked before anything trains. `fixed` are the --set overrides every run shares."""
     if len(set(seeds)) < len(seeds):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))} repeats a seed: give each once, e.g. --seeds 1,2")
+    varied = columns(variants)
     fixed = [_with_section(pair) for pair in fixed]
     for pair in fixed:
         key = pair.partition("=")[0]
-        if key in vary or key in SET_BY_ABLATION:
-            fix = f"drop it or its --vary {key}" if key in vary else SET_BY_ABLATION[key]
+        if key in varied or key in SET_BY_ABLATION:
+            fix = f"drop it or the variants' {key}" if key in varied else SET_BY_ABLATION[key]
             raise ConfigError(f"--set {pair}: the ablation sets {key} itself; {fix}")
     shared = fixed + budget_overrides(budget)
     _check(f"--base {base} with --set/--budget", base, shared)
     runs = []
-    for variant in itertools.product(*vary.values()):
-        pairs = [f"{key}={value}" for key, value in zip(vary, variant, strict=True)]
-        _check(f"--vary {', '.join(pairs)}", base, shared + pairs)
+    for variant in variants:
+        pairs = [f"{key}={value}" for key, value in variant.items()]
+        if variant:
+            _check(f"{option} {', '.join(pairs)}", base, shared + pairs)
+        cells = tuple(variant.get(key, BASE_VALUE) for key in varied)
         for seed in seeds:
-            name = ",".join([*map(_name_part, vary, variant), f"seed={seed}"])
-            runs.append(Run(name, variant, seed, shared + pairs + [f"train.seed={seed}"]))
+            name = ",".join([*map(_name_part, variant, variant.values())] or ["base"]) + f",seed={seed}"
+            runs.append(Run(name, cells, seed, shared + pairs + [f"train.seed={seed}"]))
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         twice = next(name for name in names if names.count(name) > 1)
-        raise ConfigError(f"--vary: two variants share the directory name {twice!r}: give values that differ in it")
+        raise ConfigError(f"two variants share the directory name {twice!r}: give values that differ in it")
     for run in runs:  # the seeds themselves
         _check(f"--seeds {run.seed}", base, run.overrides)
     return runs
@@ -146,7 +198,7 @@ def plan(base: str, fixed: list[str], vary: dict[str, list[str]], budget: str | 
 def spec(
     base: str,
     fixed: list[str],
-    vary: dict[str, list[str]],
+    variants: list[dict[str, str]],
     budget: str | None,
     seeds: list[int],
     data: list[str] | None,
@@ -162,8 +214,8 @@ def spec(
         "data": canonical_data(data),
         "val_data": [os.path.abspath(path) for path in val_data] if val_data else None,
         "tokenizer": tokenizer,
-        "varied": list(vary),
-        "vary": vary,
+        "varied": columns(variants),
+        "variants": variants,
         "seeds": seeds,
     }
 
@@ -248,29 +300,37 @@ def summarize(runs: list[Run], out: Path, varied: list[str]) -> list[dict[str, A
 def markdown_table(rows: list[dict[str, Any]], varied: list[str], caption: str) -> str:
     """The rows as a Markdown table under `caption`; val bpb as mean (min–max over the seeds)."""
     header = [*varied, "params total", "params unique", "params active", "train FLOPs/token", "tokens/s"]
-    header += ["val bpb mean (min–max)", f"KV bytes/token ({KV_DTYPE})", "wall time (s)", "runs"]
+    header += ["val bpb mean (min–max)", "vs first row", f"KV bytes/token ({KV_DTYPE})", "wall time (s)", "runs"]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row[key]) for key in varied]
         cells += [f"{row[key]:,}" for key in ("params_total", "params_unique", "params_active")]
         cells += [f"{row['train_flops_per_token']:,}", f"{row['tokens_per_s']:,.0f}"]
         cells += [f"{row['val_bpb_mean']:.4f} ({row['val_bpb_min']:.4f}–{row['val_bpb_max']:.4f})"]
+        cells += [f"{100 * (row['val_bpb_mean'] / rows[0]['val_bpb_mean'] - 1):+.2f} %"]
         cells += [f"{row[f'kv_bytes_per_token_{KV_DTYPE}']:,}", f"{row['wall_time_s']:.1f}", row["runs"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_results(rows: list[dict[str, Any]], out: Path, varied: list[str], caption: str) -> list[Path]:
-    """results.md, results.csv and results.png in `out`, each written atomically; returns their paths."""
+    """results.md, results.csv, results.png and curves.png in `out`, each written atomically; returns their paths."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    paths = [out / "results.md", out / "results.csv", out / "results.png"]
+    paths = [out / "results.md", out / "results.csv", out / "results.png", out / "curves.png"]
     atomic_write(paths[0], lambda tmp: Path(tmp).write_text(markdown_table(rows, varied, caption)))
     atomic_write(paths[1], lambda tmp: Path(tmp).write_text(text.getvalue()))
     atomic_write(paths[2], lambda tmp: plot_results(rows, varied, tmp))
+    atomic_write(paths[3], lambda tmp: plot_curves(rows, varied, out, tmp))
     return paths
+
+
+def variant_label(row: dict[str, Any], varied: list[str]) -> str:
+    """A variant's name in a figure: the fields it sets, or "base"."""
+    pairs = [f"{field.rpartition('.')[2]}={row[field]}" for field in varied if row[field] != BASE_VALUE]
+    return ", ".join(pairs) or "base"
 
 
 PANELS = (("params_unique", "unique parameters"), ("train_flops_per_token", "train FLOPs / token"))
@@ -291,15 +351,45 @@ def plot_results(rows: list[dict[str, Any]], varied: list[str], path: str) -> No
         [m - row["val_bpb_min"] for m, row in zip(mean, rows, strict=True)],
         [row["val_bpb_max"] - m for m, row in zip(mean, rows, strict=True)],
     ]
-    for ax, (key, label) in zip(axes[0], PANELS, strict=True):
+    for ax, (key, axis_label) in zip(axes[0], PANELS, strict=True):
         x = [row[key] for row in rows]
         ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=4)
         for x_value, y_value, row in zip(x, mean, rows, strict=True):
-            text = ", ".join(f"{field.rpartition('.')[2]}={row[field]}" for field in varied)
-            ax.annotate(text, (x_value, y_value), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel(label)
+            ax.annotate(
+                variant_label(row, varied), (x_value, y_value), textcoords="offset points", xytext=(5, 5), fontsize=8
+            )
+        ax.set_xlabel(axis_label)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val bits / byte (min–max over seeds)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, format="png")
+    plt.close(figure)
+
+
+def plot_curves(rows: list[dict[str, Any]], varied: list[str], out: Path, path: str) -> None:
+    """A PNG of val bpb against wall time while training: one colour per variant, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for index, row in enumerate(rows):
+        for number, name in enumerate(row["runs"].split()):
+            val = read_curves(out / name)[1]
+            ax.plot(
+                [record["time"] for record in val],
+                [record["val_bpb"] for record in val],
+                "-o",
+                color=f"C{index % 10}",
+                markersize=2,
+                linewidth=1,
+                label=variant_label(row, varied) if number == 0 else None,
+            )
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("val bits / byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110, format="png")
     plt.close(figure)

@@ -1,4 +1,4 @@
-"""`minigrok ablate`: train every variant of a grid of config values at each seed (each a normal `minigrok train`
+"""`minigrok ablate`: train every variant (a grid of config values, or listed variants) at each seed (each a normal `minigrok train`
 run, in its own process), then write their table and figure. Rerunning the same command skips finished runs and
 resumes interrupted ones."""
 
@@ -18,13 +18,20 @@ SHARED_TOKENIZER = "tokenizer.json"  # in the ablation's directory: the one ever
 
 def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="demo-cpu", help="preset name or YAML path every variant starts from")
-    parser.add_argument(
+    variants = parser.add_mutually_exclusive_group(required=True)
+    variants.add_argument(
         "--vary",
         action="append",
-        required=True,
         metavar="KEY=V1,V2,...",
         help="a model.<field> or train.<field> and its values (repeat for a grid: every combination is trained; "
         "fields: minigrok train --help-config)",
+    )
+    variants.add_argument(
+        "--variant",
+        action="append",
+        metavar="KEY=VALUE[,KEY=VALUE...]",
+        help="one variant: these fields changed together (repeat for more; the base config is trained too), "
+        "e.g. each option alone and then all of them",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an override every variant shares"
@@ -50,10 +57,13 @@ def run_ablate(args: argparse.Namespace) -> None:
     """Plan and check every run, record the spec, train what is not finished one run at a time, write the results."""
     from ..train import ablate
 
-    vary = ablate.parse_vary(args.vary)
-    runs = ablate.plan(args.base, args.set, vary, args.budget, args.seeds)
+    if args.vary:
+        variants, option = ablate.grid(ablate.parse_vary(args.vary)), "--vary"
+    else:
+        variants, option = ablate.parse_variants(args.variant), "--variant"
+    runs = ablate.plan(args.base, args.set, variants, args.budget, args.seeds, option)
     out = Path(args.out or Path("runs") / f"ablate-{Path(args.base).stem}")
-    spec = ablate.spec(args.base, args.set, vary, args.budget, args.seeds, args.data, args.val_data, args.tokenizer)
+    spec = ablate.spec(args.base, args.set, variants, args.budget, args.seeds, args.data, args.val_data, args.tokenizer)
     ablate.check_spec(out, spec)
     shared_tokenizer = out / SHARED_TOKENIZER
     for index, run in enumerate(runs, 1):
@@ -83,10 +93,12 @@ def run_ablate(args: argparse.Namespace) -> None:
                 share_tokenizer(run_dir / SHARED_TOKENIZER, shared_tokenizer)
     caption = (
         f"Ablation of {args.base}, budget {args.budget or 'of the base config'}, seeds "
-        f"{', '.join(map(str, args.seeds))}; val bpb: mean (min–max) over the seeds."
+        f"{', '.join(map(str, args.seeds))}; val bpb: mean (min–max) over the seeds"
+        + (f"; {ablate.BASE_VALUE}: the base config's value." if args.variant else ".")
     )
-    rows = ablate.summarize(runs, out, list(vary))
-    for path in ablate.write_results(rows, out, list(vary), caption):
+    varied = ablate.columns(variants)
+    rows = ablate.summarize(runs, out, varied)
+    for path in ablate.write_results(rows, out, varied, caption):
         print(f"wrote {path}")
     print((out / "results.md").read_text())
 

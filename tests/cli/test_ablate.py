@@ -140,12 +140,75 @@ def test_a_bad_grid_is_refused_before_anything_trains(tmp_path, capsys, vary, me
 
 
 def test_a_changed_budget_is_refused_in_an_existing_ablation_more_seeds_are_not(tmp_path, capsys):
-    from minigrok.train.ablate import check_spec, spec
+    from minigrok.train.ablate import check_spec, grid, spec
 
-    out, vary = tmp_path / "ablation", {"model.n_kv_heads": ["1", "2"]}
-    check_spec(out, spec("tiny", [], vary, "steps=4", [0], None, None, "bpe"))
-    check_spec(out, spec("tiny", [], vary, "steps=4", [0, 1], None, None, "bpe"))
+    out, variants = tmp_path / "ablation", grid({"model.n_kv_heads": ["1", "2"]})
+    check_spec(out, spec("tiny", [], variants, "steps=4", [0], None, None, "bpe"))
+    check_spec(out, spec("tiny", [], variants, "steps=4", [0, 1], None, None, "bpe"))
     command = ["ablate", "--base", "tiny", "--vary", "model.n_kv_heads=1,2", "--out", str(out), "--budget", "steps=6"]
     assert main(command) == 2
     assert "whose --budget is 'steps=4', but this one's is 'steps=6'" in capsys.readouterr().err
     assert [path.name for path in out.iterdir()] == ["ablation.json"]  # nothing trained
+
+
+def test_listed_variants_train_the_base_and_each_variant_as_given(corpus, tmp_path):
+    out = tmp_path / "ablation"
+    variants = ["--variant", "model.n_kv_heads=1", "--variant", "n_kv_heads=1,train.lr=0.01"]
+    ablate(
+        "--base",
+        "tiny",
+        *variants,
+        "--budget",
+        "steps=4",
+        "--seeds",
+        "3",
+        "--threads",
+        "1",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+    )
+    names = ["base,seed=3", "n_kv_heads=1,seed=3", "n_kv_heads=1,lr=0.01,seed=3"]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["model.n_kv_heads"], row["train.lr"], row["runs"]) for row in rows] == [
+        ("—", "—", names[0]),
+        ("1", "—", names[1]),
+        ("1", "0.01", names[2]),
+    ]
+    trained = [json.loads((out / name / "ckpt-4" / "trainer_state.json").read_text()) for name in names]
+    base_kv_heads = MiniGrok.from_pretrained(out / names[0] / "ckpt-4").config.n_kv_heads
+    assert base_kv_heads != 1  # the base row really is the base config, not the first variant's
+    assert [MiniGrok.from_pretrained(out / name / "ckpt-4").config.n_kv_heads for name in names[1:]] == [1, 1]
+    assert trained[2]["train_config"]["lr"] == 0.01 != trained[1]["train_config"]["lr"]
+    for row, name in zip(rows, names, strict=True):
+        assert float(row["val_bpb_mean"]) == final_bpb(out / name)
+    table = (out / "results.md").read_text()
+    assert "| — | — | " in table and "| +0.00 % |" in table and "—: the base config's value" in table
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        (["model.n_kv_heads"], "is not field=value[,field=value...]: write e.g. --variant model.qk_norm=true"),
+        (["n_kv_heads=1,n_kv_heads=2"], "sets model.n_kv_heads twice"),
+        (["n_kv_heads=1", "model.n_kv_heads=1"], "is given twice"),
+        (["train.seed=4"], "give the seeds with --seeds"),
+        (["model.n_kv_head=1"], "did you mean 'n_kv_heads'?"),
+        (["n_kv_heads=3"], "--variant model.n_kv_heads=3: n_kv_heads=3 does not divide n_heads=4"),
+    ],
+)
+def test_a_bad_variant_is_refused_before_anything_trains(tmp_path, capsys, variants, message):
+    out = tmp_path / "ablation"
+    command = ["ablate", "--base", "tiny", *(part for v in variants for part in ("--variant", v)), "--out", str(out)]
+    assert main(command) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_grid_and_listed_variants_are_not_mixed(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["ablate", "--vary", "model.n_kv_heads=1,2", "--variant", "model.n_kv_heads=1"])
+    assert raised.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
