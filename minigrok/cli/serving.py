@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import socket
 from pathlib import Path
 
 from .arguments import add_checkpoint_arguments, add_dtype_argument
@@ -33,6 +35,17 @@ def model_name(checkpoint: Path) -> str:
     return checkpoint.name
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, opened before the model loads, so an address in use fails at once."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen there ({os.strerror(error.errno) if error.errno else error}): another server may be "
+            "using that port; stop it or choose another --port"
+        ) from None
+
+
 def run_serve(args: argparse.Namespace) -> None:
     """Load the checkpoint and serve it until SIGTERM or Ctrl-C."""
     for flag in ("max_batch", "max_queue", "max_request_bytes"):
@@ -50,17 +63,12 @@ def run_serve(args: argparse.Namespace) -> None:
     from .inference import inference_dtype, load_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
+    listening = listen(args.host, args.port)
     model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
     dtype = inference_dtype(args.dtype, model, rows=args.max_batch)  # a decode step runs max_batch rows
     engine = Engine(model, tokenizer, args.max_batch, args.max_queue, dtype)
     name = args.model_name or model_name(checkpoint.resolve())
     app = build_app(engine, name, load_chat_template(checkpoint), args.max_request_bytes)
     print(f"minigrok serve: {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})", flush=True)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        access_log=False,
-        timeout_graceful_shutdown=args.shutdown_timeout,
-        log_level="warning",
-    )
+    config = uvicorn.Config(app, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout, log_level="warning")
+    uvicorn.Server(config).run(sockets=[listening])

@@ -200,3 +200,14 @@ def test_importing_minigrok_and_its_cli_loads_no_server():
 def test_serve_refuses_a_zero_limit(run, capsys):
     assert main(["serve", "--checkpoint", str(run), "--max-batch", "0"]) == 2
     assert "--max-batch=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model(run, tmp_path, capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in err
+    assert "choose another --port" in err
