@@ -213,7 +213,8 @@ class ModelConfig:
     window: int | None = None
     """sliding-window size of the windowed (S) layers: a query sees itself and the window - 1 keys before it"""
     window_pattern: str = "S"
-    """S (windowed) / L (full) per logical layer, repeated over depth, e.g. SSSL; applies once window is set"""
+    """S (windowed) / L (full) per logical layer, repeated over depth, e.g. SSSL; applies once window is set (it
+    counts convolution layers too, where it has no effect)"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -369,6 +370,13 @@ class ModelConfig:
                 raise ConfigError(
                     f"window={self.window} with window_pattern={show(pattern)} windows no layer: put an S in "
                     "window_pattern (e.g. 'SSSL') or drop window"
+                )
+            kinds = self.layer_kinds()
+            if all(kinds[layer] != "A" for layer, window in enumerate(self.layer_windows()) if window):
+                raise ConfigError(
+                    f"window={self.window} with window_pattern={show(pattern)} and layer_pattern="
+                    f"{show(self.layer_pattern)} windows only convolution layers (the pattern counts every layer): "
+                    "put an S where layer_pattern has an A, or drop window"
                 )
 
     def layer_windows(self) -> list[int | None]:

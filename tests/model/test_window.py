@@ -29,6 +29,10 @@ def random_ids(lengths: list[int], vocab: int, seed: int) -> list[torch.Tensor]:
         ({"window": True}, "window=True must be a positive integer"),
         ({"window_pattern": "SSSL"}, "window_pattern='SSSL' has windowed .S. layers but window is null: set window"),
         ({"window": 8, "window_pattern": "LL"}, "window=8 with window_pattern='LL' windows no layer"),
+        (
+            {"window": 8, "window_pattern": "SSL", "layer_pattern": "CCA"},
+            "window_pattern='SSL' and layer_pattern='CCA' windows only convolution layers .* put an S where",
+        ),
     ],
 )
 def test_bad_window_fields_are_clear_errors(overrides, message):
