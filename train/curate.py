@@ -4,7 +4,7 @@ source of the training split, and the validation split against the training spli
 
 The kept set depends on the documents alone, not on the order of files or sources: each split's documents are
 judged in the order of their text's sha256 (then source name), the training split first. One pass reads every
-document and keeps hashes and MinHash signatures only; the encoding reads the documents again and skips the dropped.
+document and keeps hashes and MinHash signatures only; the encoding reads the documents again and skips those dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from minigrok.files import write_json
 from .corpus import CorpusSplit, Source, _optional
 
 CURATION_NAME = "curation.json"
+SPLITS = ("train", "val")  # in the order they are curated
 DEDUP = ("none", "exact", "near")
 NUM_PERM = 128  # MinHash permutations: the Jaccard estimate's error is about 1/sqrt(128) ~ 0.09
 SHINGLE_WORDS = 5  # words per shingle of near deduplication
@@ -150,11 +151,17 @@ class Plan:
 
     def __init__(self, splits: dict[str, dict[str, CorpusSplit]], curation: Curation):
         self.splits, self.curation = splits, curation
-        depends = {split: {name: part.fingerprint() for name, part in parts.items()} for split, parts in splits.items()}
-        payload = {"curation": curation.settings(), "corpus": depends if curation.dedup != "none" else None}
-        self.key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+        self.keys = {split: self._key(SPLITS[: SPLITS.index(split) + 1]) for split in SPLITS}
+        self.key = self._key(SPLITS)  # curation.json's: of the whole plan
         self._dropped: dict[str, dict[str, set[int]]] | None = None
         self._report: dict | None = None
+
+    def _key(self, splits: tuple[str, ...]) -> str:
+        """sha256 of what decides the drops from `splits`: the settings, and with deduplication the files of these
+        splits and of those before them (validation is deduplicated against training, not training against it)."""
+        files = {split: {name: part.fingerprint() for name, part in self.splits[split].items()} for split in splits}
+        payload = {"curation": self.curation.settings(), "corpus": files if self.curation.dedup != "none" else None}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
     def dropped(self, split: str, name: str) -> set[int]:
         """Positions (among its non-empty documents) of the documents dropped from one split of one source."""
@@ -174,7 +181,7 @@ class Plan:
         seen: dict[bytes, dict] = {}  # sha256 of a kept document's normalised text -> where it is kept
         self._dropped = {split: {name: set() for name in parts} for split, parts in self.splits.items()}
         self._report = {"key": self.key, "settings": curation.settings(), "reasons": curation.reasons(), "splits": {}}
-        for split in ("train", "val"):  # training first: validation is deduplicated against it
+        for split in SPLITS:  # training first: validation is deduplicated against it
             counts = {name: _counts(curation.reasons()) for name in self.splits[split]}
             entries = self._read(split, counts, near)
             for entry in sorted(entries, key=lambda e: (e.digest, e.source, e.position)):
@@ -292,7 +299,7 @@ class CuratedSplit(CorpusSplit):
             position += 1
 
     def fingerprint(self) -> str:
-        payload = {"files": super().fingerprint(), "curation": self.plan.key}
+        payload = {"files": super().fingerprint(), "curation": self.plan.keys[self.split]}
         return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()
 
 

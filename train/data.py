@@ -32,11 +32,10 @@ from .corpus import (
     split_corpus,
     split_mixture,
 )
-from .curate import CURATION_NAME, Curation, curate, write_report
+from .curate import CURATION_NAME, SPLITS, Curation, curate, write_report
 from .shards import INDEX_NAME, SHARD_TOKENS, TokenStream, encode_shards, shard_name, token_dtype
 from .tokenizer import Tokenizer
 
-SPLITS = ("train", "val")
 META_NAME = "meta.json"
 META_FORMAT = 2
 FLAT_FILES = ("train.bin", "val.bin")  # the layout before shards: one flat file per split, re-encoded when met

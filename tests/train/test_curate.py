@@ -199,6 +199,17 @@ def test_prepare_data_writes_curation_json_and_encodes_again_when_a_setting_chan
     assert not (out / "curation.json").exists()
 
 
+def test_changed_validation_files_encode_validation_again_and_training_not(tmp_path):
+    corpus = [str(jsonl(tmp_path / "a.jsonl", [text(1), text(2)]))]
+    val = [str(jsonl(tmp_path / "val.jsonl", [text(1), text(3)]))]
+    out, curation = tmp_path / "data", Curation(dedup="exact")
+    assert prepare_data(out, BYTE, corpus, val, curation=curation).meta["splits"]["val"]["n_documents"] == 1
+    stamp = (out / "train" / "corpus" / "shard-000000.bin").stat().st_mtime_ns
+    jsonl(tmp_path / "val.jsonl", [text(2), text(3), text(4)])
+    assert prepare_data(out, BYTE, corpus, val, curation=curation).meta["splits"]["val"]["n_documents"] == 2
+    assert (out / "train" / "corpus" / "shard-000000.bin").stat().st_mtime_ns == stamp
+
+
 def test_a_curation_that_drops_a_whole_split_says_so(tmp_path):
     val = [str(jsonl(tmp_path / "val.jsonl", ["tiny"]))]
     with pytest.raises(DataError, match="validation split is empty after curation .*curation.json"):
