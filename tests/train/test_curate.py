@@ -218,6 +218,26 @@ def test_a_curation_that_drops_a_whole_split_says_so(tmp_path):
     assert (tmp_path / "data" / "curation.json").is_file()
 
 
+def test_the_bpe_tokenizer_learns_from_the_curated_training_text(tmp_path, monkeypatch):
+    from minigrok.train import run
+
+    learned = []
+
+    def learn(spec, texts, vocab_size):
+        learned.extend(texts())
+        return byte_tokenizer()
+
+    monkeypatch.setattr(run, "load_or_train_tokenizer", learn)
+    corpus = [str(jsonl(tmp_path / "a.jsonl", [text(1), text(1).upper(), "tiny", text(2)]))]
+    val = [str(jsonl(tmp_path / "val.jsonl", [text(3)]))]
+    config = TrainConfig(max_steps=1, batch_size=2, seq_len=32, dtype="fp32", peak_flops=1e11, device="cpu",
+                         dedup="exact", min_doc_chars=10)  # fmt: skip
+    model = {"dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "max_seq_len": 64}
+    run.start_run(tmp_path / "run", model, config, corpus, val, "bpe", progress=False)
+    first = min(text(1), text(1).upper(), key=lambda t: hashlib.sha256(t.encode()).digest())
+    assert learned == [first, text(2)]
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
