@@ -14,6 +14,7 @@ from minigrok.machine import TORCH_DTYPES
 from minigrok.model import CHECKPOINTING
 from minigrok.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
+from .curate import Curation
 from .shards import SHARD_TOKENS
 from .tracking import check_log_to
 
@@ -98,6 +99,16 @@ class TrainConfig:
     """field of .jsonl records, Parquet column or dataset field that holds each document's text"""
     shard_tokens: int = SHARD_TOKENS
     """tokens per file of the encoded corpus (data/<split>/<name>/shard-*.bin)"""
+    dedup: str = Curation.dedup
+    """drop duplicate documents before encoding, across files and sources, validation against training too: none, exact (same text once NFKC-normalised, case-folded, whitespace collapsed) or near (MinHash LSH; the curate extra) (fixed once the run starts)"""
+    near_dup_threshold: float = Curation.near_dup_threshold
+    """with dedup=near: estimated Jaccard similarity of word 5-gram sets from which a document is a duplicate (fixed once the run starts)"""
+    min_doc_chars: int = Curation.min_doc_chars
+    """drop documents shorter than this many characters before encoding (0 keeps all; fixed once the run starts)"""
+    max_repeated_line_fraction: float = Curation.max_repeated_line_fraction
+    """drop documents whose share of non-blank lines repeating an earlier line exceeds this (1 keeps all; fixed once the run starts)"""
+    max_non_text_fraction: float = Curation.max_non_text_fraction
+    """drop documents whose share of control characters, U+FFFD and invalid UTF-8 bytes exceeds this (1 keeps all; fixed once the run starts)"""
     parallel: str = "auto"
     """under torchrun: ddp (replicated weights), fsdp (sharded weights, FSDP2) or none; auto = ddp when several processes"""
     dist_timeout_s: float = 600.0
@@ -134,6 +145,8 @@ class TrainConfig:
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"train.text_field={show(self.text_field)} must be a field name, e.g. text")
         self._check_int("tokenizer_vocab_size", minimum=259)
+        self._check_int("min_doc_chars", minimum=0)
+        Curation.of(self)  # checks the curation fields
         for name in ("max_steps", "max_tokens"):
             if getattr(self, name) is not None:
                 self._check_int(name, minimum=1)

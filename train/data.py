@@ -3,7 +3,8 @@ from them.
 
 data/<split>/<name>/ holds one split of one corpus as token shards with their index.json (see shards.py); a corpus
 given without a name is "corpus". data/meta.json sums them up: the tokenizer, the dtype, and per split its tokens,
-bytes, documents, corpus fingerprint and sources (with their weights).
+bytes, documents, corpus fingerprint and sources (with their weights). data/curation.json, when documents are
+curated (see curate.py), says what each filter dropped.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from .corpus import (
     split_corpus,
     split_mixture,
 )
+from .curate import CURATION_NAME, SPLITS, Curation, curate, write_report
 from .shards import INDEX_NAME, SHARD_TOKENS, TokenStream, encode_shards, shard_name, token_dtype
 from .tokenizer import Tokenizer
 
-SPLITS = ("train", "val")
 META_NAME = "meta.json"
 META_FORMAT = 2
 FLAT_FILES = ("train.bin", "val.bin")  # the layout before shards: one flat file per split, re-encoded when met
@@ -87,19 +88,22 @@ def prepare_data(
     text_field: str = DEFAULT_TEXT_FIELD,
     workers: int = 1,
     shard_tokens: int = SHARD_TOKENS,
+    curation: Curation | None = None,
 ) -> TokenFiles:
     """Encode the corpus (None = built-in; name=path:weight entries make a mixture) into token shards under out_dir
     plus meta.json; reuse fresh shards and continue an encoding a kill interrupted.
 
     Each split of each source is one stream of token ids, documents joined by eos_id (empty documents are skipped),
     uint16 when the tokenizer has at most 65536 ids, else uint32, cut into shards of shard_tokens. It is encoded
-    again when the tokenizer, the files it reads (path, size, mtime), the split rule or the text field changed, or
-    a shard is missing or the wrong size (from that shard on). `workers` processes encode it (1: this process).
+    again when the tokenizer, the files it reads (path, size, mtime), the split rule, the text field or the
+    curation changed, or a shard is missing or the wrong size (from that shard on). `workers` processes encode it
+    (1: this process). Curated documents are dropped before encoding, and data/curation.json reports them.
     """
     out_dir = Path(out_dir)
     sources = parse_data(train_paths)
     weights = {source.name: source.weight or 1.0 for source in sources}
     splits = split_mixture(sources, val_paths, val_fraction, text_field)
+    curated, plan = curate(splits, curation or Curation())
     for split, parts in splits.items():
         for name, part in parts.items():
             if not part.sources:
@@ -115,13 +119,22 @@ def prepare_data(
         "shard_tokens": shard_tokens,
         "splits": {},
     }
-    for split, parts in splits.items():
-        totals = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0, "corpus_fingerprint": mixture_fingerprint(parts)}
+    if plan is not None:
+        meta["curation"] = curation.settings()
+    for split, parts in curated.items():
+        totals = {"n_tokens": 0, "n_bytes": 0, "n_documents": 0}
+        totals["corpus_fingerprint"] = mixture_fingerprint(splits[split])  # the files' (run.json records it)
         totals["sources"] = {}
         for name, part in parts.items():
             label = _label(split, name, parts)
             directory = out_dir / split / name
             index = encode_shards(directory, part, tokenizer, part.fingerprint(), shard_tokens, workers, label)
+            if not index["n_tokens"] and plan is not None:
+                write_report(out_dir, plan)
+                raise DataError(
+                    f"{label} is empty after curation ({out_dir / CURATION_NAME} says what each filter dropped): "
+                    "relax train.dedup, train.min_doc_chars or train.max_*_fraction, or give more files"
+                )
             if not index["n_tokens"]:
                 raise DataError(f"{label} is empty: give --val-data or more files")
             counts = {key: index[key] for key in ("n_tokens", "n_bytes", "n_documents")}
@@ -131,6 +144,7 @@ def prepare_data(
         meta["splits"][split] = totals
         _remove_stale_sources(out_dir / split, parts)
     _remove_flat_files(out_dir)
+    write_report(out_dir, plan)
     if meta != _read_meta(out_dir / META_NAME):
         write_json(out_dir / META_NAME, meta)
     return TokenFiles(out_dir, meta["dtype"], meta)

@@ -23,6 +23,7 @@ from minigrok.model import MiniGrok
 from . import checkpoint
 from .config import TrainConfig
 from .corpus import DataError, canonical_data, mixture_fingerprint, parse_data, split_mixture
+from .curate import CURATION_FIELDS, Curation, curate
 from .data import TokenFiles, prepare_data
 from .distill import Teacher
 from .distributed import current_world, main_first
@@ -31,7 +32,8 @@ from .trainer import LOG_NAME, Trainer
 
 RUN_NAME = "run.json"
 LOCK_NAME = ".lock"
-FIXED_ON_RESUME = ("tokenizer_vocab_size", "val_fraction", "text_field")  # the run's tokenizer and data, made once
+# the run's tokenizer and data, made once (--new-data may change the data's fields)
+FIXED_ON_RESUME = ("tokenizer_vocab_size", "val_fraction", "text_field", *CURATION_FIELDS)
 
 
 def _absolute(specs: list[str] | None) -> list[str] | None:
@@ -106,6 +108,7 @@ def _prepare(
         text_field=config.text_field,
         workers=config.data_workers,
         shard_tokens=config.shard_tokens,
+        curation=Curation.of(config),
     )
 
 
@@ -176,9 +179,9 @@ def start_run(
         main = current_world().is_main
         if main:  # the log of an earlier start that died before its first checkpoint (a torchrun restart's)
             (run_dir / LOG_NAME).unlink(missing_ok=True)
-            train_parts = _splits(data, val_data, config)["train"].values()
+            train_parts = curate(_splits(data, val_data, config), Curation.of(config))[0]["train"].values()
 
-            def texts():  # every training source's text, for a BPE tokenizer to learn from
+            def texts():  # every training source's curated text, for a BPE tokenizer to learn from
                 return (text for part in train_parts for text in part.clean_documents())
 
             tokenizer = load_or_train_tokenizer(tokenizer_spec, texts, config.tokenizer_vocab_size)
@@ -236,7 +239,7 @@ def _open_resumed(
         if getattr(config, name) != value
     ]
     fixed = [name for name in FIXED_ON_RESUME if getattr(config, name) != getattr(old_config, name)]
-    if fixed and not (new_data and set(fixed) <= {"val_fraction", "text_field"}):
+    if fixed and not (new_data and "tokenizer_vocab_size" not in fixed):
         raise ConfigError(
             f"--resume: train.{fixed[0]} is fixed by the run's {'tokenizer' if fixed[0] == 'tokenizer_vocab_size' else 'data split'}; "
             f"drop the override (or start a new run{'' if fixed[0] == 'tokenizer_vocab_size' else ' or add --new-data'})"

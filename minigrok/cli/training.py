@@ -112,9 +112,14 @@ def load_teacher(path: str):
 
 def train_and_sample(trainer, args: argparse.Namespace) -> None:
     """Train to the end of the budget, then print the final figures and args.samples samples (on rank 0)."""
+    from ..checkpoint import read_json
+    from ..train.curate import CURATION_NAME, summary
+
     data, tokenizer, train_config = trainer.data, trainer.tokenizer, trainer.config
     splits = data.meta["splits"]
     print(f"data: {splits['train']['n_tokens']:,} train / {splits['val']['n_tokens']:,} val tokens")
+    if (report := data.root / CURATION_NAME).is_file():
+        print(f"{summary(read_json(report))}; {report} has examples")
     sources = splits["train"]["sources"]
     if len(sources) > 1:
         total = sum(source["weight"] for source in sources.values())
