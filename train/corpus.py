@@ -31,7 +31,7 @@ class DataError(ValueError):
     """A corpus, split or token file the pipeline cannot use; the message names it and the fix."""
 
 
-def _optional(module: str, extra: str, what: str) -> ModuleType:
+def optional_module(module: str, extra: str, what: str) -> ModuleType:
     """Import an optional extra only when a corpus needs it, or say how to install it."""
     try:
         return importlib.import_module(module)
@@ -83,7 +83,9 @@ class Source:
     def size_hint(self) -> int:
         """About how many bytes of text the source holds (for a progress bar): its file sizes, uncompressed."""
         if self.path.suffix == ".parquet":
-            metadata = _optional("pyarrow.parquet", "parquet", f"reading {self.path}").ParquetFile(self.path).metadata
+            metadata = (
+                optional_module("pyarrow.parquet", "parquet", f"reading {self.path}").ParquetFile(self.path).metadata
+            )
             return sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
         return self.stat_key()[1]
 
@@ -114,7 +116,7 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
 
 def _parquet_texts(path: Path, field: str) -> Iterator[str]:
     """The text column of a Parquet file, a batch of rows at a time; null cells are empty documents."""
-    parquet = _optional("pyarrow.parquet", "parquet", f"reading {path}")
+    parquet = optional_module("pyarrow.parquet", "parquet", f"reading {path}")
     file = parquet.ParquetFile(path)
     schema = file.schema_arrow
     if field not in schema.names:
@@ -129,7 +131,7 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
 
 def _dataset_texts(path: Path, field: str) -> Iterator[str]:
     """The text field of a saved dataset (a DatasetDict gives its "train" split), memory-mapped by `datasets`."""
-    datasets = _optional("datasets", "datasets", f"reading the dataset directory {path}")
+    datasets = optional_module("datasets", "datasets", f"reading the dataset directory {path}")
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:

@@ -22,7 +22,7 @@ from typing import Any
 from minigrok.config import ConfigError, show
 from minigrok.files import write_json
 
-from .corpus import CorpusSplit, Source, _optional
+from .corpus import CorpusSplit, Source, optional_module
 
 CURATION_NAME = "curation.json"
 SPLITS = ("train", "val")  # in the order they are curated
@@ -230,7 +230,7 @@ class _NearIndex:
     reaches the threshold (LSH's banding alone lets some lower ones through)."""
 
     def __init__(self, threshold: float):
-        self.datasketch = _optional("datasketch", "curate", "train.dedup=near (near-duplicate detection)")
+        self.datasketch = optional_module("datasketch", "curate", "train.dedup=near (near-duplicate detection)")
         self.threshold = threshold
         self.lsh = self.datasketch.MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
         self.permutations = self.datasketch.MinHash(NUM_PERM, seed=MINHASH_SEED, scheme=MINHASH_SCHEME).permutations
