@@ -51,9 +51,10 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, st
     its momentum warm-up). Returns AdamW's."""
     lr = lr_at(config, step, progress)
     for group in optimizer.param_groups:
-        group["lr"] = lr * config.muon_lr / config.lr if is_muon_group(group) else lr
         if is_muon_group(group):
-            group["momentum"] = muon_momentum_at(config, step)
+            group["lr"], group["momentum"] = lr * config.muon_lr / config.lr, muon_momentum_at(config, step)
+        else:
+            group["lr"] = lr
     return lr
 
 
