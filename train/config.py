@@ -65,8 +65,7 @@ class TrainConfig:
     beta2: float = 0.95
     """AdamW decay rate of the squared gradient's running mean"""
     optimizer: str = "adamw"
-    """adamw, or muon: orthogonalised Nesterov momentum (torch.optim.Muon) for the blocks' 2-D matrices, AdamW for
-    embeddings, head, norms and the 3-D expert weights; not with parallel=fsdp (it orthogonalises whole matrices)"""
+    """adamw, or muon (Muon on the blocks' 2-D matrices, AdamW on the rest; not fsdp: it needs whole matrices)"""
     muon_lr: float = 3e-3
     """with optimizer=muon: peak learning rate of the Muon matrices (the schedule scales it as it scales lr)"""
     muon_momentum: float = 0.95
@@ -78,8 +77,7 @@ class TrainConfig:
     muon_weight_decay: float = 0.1
     """with optimizer=muon: decoupled weight decay of the Muon matrices (times their lr; 0 turns it off)"""
     muon_adjust_lr: str = "match_rms_adamw"
-    """with optimizer=muon: scale of each matrix's step, match_rms_adamw (0.2 sqrt(max(rows, cols)): an AdamW-sized
-    step, so muon_lr reads like lr) or original (sqrt(max(1, rows / cols)), Keller Jordan's; wants muon_lr ~0.02)"""
+    """with optimizer=muon: match_rms_adamw (AdamW-sized steps: muon_lr reads like lr) or original (wants ~0.02)"""
     grad_clip: float = 1.0
     """largest global gradient norm (0 turns clipping off)"""
     dtype: str = "auto"
