@@ -80,6 +80,13 @@ def test_explicit_paths_mode_and_providers(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
+def test_bench_train_times_muon_beside_adamw():
+    args = ["--config", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--dtype", "fp32"]
+    result = bench_cli("train", *args, "--compare", "muon")
+    assert result["muon_tokens_per_s"] > 0 and result["muon_peak_mb"] > 0
+    assert result["muon_step_vs_ours"] == result["muon_step_s_median"] / result["step_s_median"]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -22,6 +22,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", *TORCH_DTYPES)
 PARALLEL = ("auto", "ddp", "fsdp", "none")
 QAT = ("none", "int8", "int4")
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("match_rms_adamw", "original")
 
 
 @dataclass
@@ -63,6 +65,20 @@ class TrainConfig:
     """AdamW decay rate of the gradient's running mean"""
     beta2: float = 0.95
     """AdamW decay rate of the squared gradient's running mean"""
+    optimizer: str = "adamw"
+    """adamw, or muon (Muon on the blocks' 2-D matrices, AdamW on the rest; not fsdp: it needs whole matrices)"""
+    muon_lr: float = 3e-3
+    """with optimizer=muon: peak learning rate of the Muon matrices (the schedule scales it as it scales lr)"""
+    muon_momentum: float = 0.95
+    """with optimizer=muon: Muon's momentum (Nesterov), reached after muon_momentum_warmup_steps"""
+    muon_momentum_start: float = 0.85
+    """with optimizer=muon: Muon's momentum at step 0 when muon_momentum_warmup_steps > 0"""
+    muon_momentum_warmup_steps: int = 0
+    """with optimizer=muon: steps over which the momentum rises linearly from muon_momentum_start (0 = no warm-up)"""
+    muon_weight_decay: float = 0.1
+    """with optimizer=muon: decoupled weight decay of the Muon matrices (times their lr; 0 turns it off)"""
+    muon_adjust_lr: str = "match_rms_adamw"
+    """with optimizer=muon: match_rms_adamw (AdamW-sized steps: muon_lr reads like lr) or original (wants ~0.02)"""
     grad_clip: float = 1.0
     """largest global gradient norm (0 turns clipping off)"""
     dtype: str = "auto"
@@ -152,7 +168,7 @@ class TrainConfig:
                 self._check_int(name, minimum=1)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise ConfigError("no budget: set train.max_steps, train.max_tokens or train.max_minutes")
-        for name in ("lr", "max_minutes", "peak_flops", "dist_timeout_s"):
+        for name in ("lr", "muon_lr", "max_minutes", "peak_flops", "dist_timeout_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"train.{name}={show(value)} must be a positive number")
@@ -160,7 +176,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ConfigError(f"train.{name}={show(value)} must lie in [0, 1]")
-        for name in ("weight_decay", "grad_clip", "moe_aux_loss_weight", "moe_z_loss_weight"):
+        for name in ("weight_decay", "muon_weight_decay", "grad_clip", "moe_aux_loss_weight", "moe_z_loss_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"train.{name}={show(value)} must be >= 0 (0 turns it off)")
@@ -176,10 +192,29 @@ class TrainConfig:
                 f"choose one of {CHECKPOINTING}"
             )
         check_log_to(self.log_to)
+        self._check_muon()
         self._check_qat()
         self._check_distillation()
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"train.device={show(self.device)} is unknown: use auto, cpu, cuda or cuda:N")
+
+    def _check_muon(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={show(self.optimizer)} is unknown: choose one of {OPTIMIZERS}")
+        for name in ("muon_momentum", "muon_momentum_start"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ConfigError(f"train.{name}={show(value)} must lie in [0, 1), e.g. 0.95")
+        self._check_int("muon_momentum_warmup_steps", minimum=0)
+        if self.muon_adjust_lr not in MUON_ADJUST_LR:
+            raise ConfigError(
+                f"train.muon_adjust_lr={show(self.muon_adjust_lr)} is unknown: choose one of {MUON_ADJUST_LR}"
+            )
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ConfigError(
+                "train.optimizer=muon does not go with train.parallel=fsdp: Muon orthogonalises each whole matrix, "
+                "and FSDP leaves each process a shard of it; use train.parallel=ddp, or train.optimizer=adamw"
+            )
 
     def _check_qat(self) -> None:
         if self.qat not in QAT:

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .data import TokenFiles
 from .distill import DistilledStudent, Teacher, check_teacher_tokenizer, check_teacher_vocab, teacher_model
 from .distributed import ALONE, World, current_world
-from .optim import build_optimizer, check_optimizer_state, lr_at, set_hyperparameters
+from .optim import build_optimizer, check_optimizer_state, describe_optimizer, set_hyperparameters, set_learning_rates
 from .qat import add_fake_quantization
 from .tokenizer import TOKENIZER_NAME, Tokenizer, check_vocab
 from .tracking import Tracking, open_tracking
@@ -371,9 +371,7 @@ class Trainer:
         Under torchrun the processes also agree here on whether a signal asked to stop (self.stop_requested), so
         they all stop after the same step."""
         config = self.config
-        lr = lr_at(config, self.step, self.budget_progress())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.optimizer, config, self.step, self.budget_progress())
         total_loss = torch.zeros((), device=self.device)
         if self.fake_quantizer is not None:
             self.fake_quantizer.enabled = self.step >= config.qat_start_step
@@ -456,6 +454,8 @@ class Trainer:
         source = "train.peak_flops" if config.peak_flops else "measured"
         print(self.dtype_choice.summary())
         print(f"matmul peak ({self.dtype}): {peak / 1e9:,.1f} GFLOP/s, {source}")
+        optimizer = describe_optimizer(self.optimizer, config)
+        print(f"optimizer: {optimizer}")
         if self.world.size > 1:
             print(
                 f"parallel: {self.parallel} over {self.world.size} processes; global batch {self.world.size} x "
@@ -465,7 +465,8 @@ class Trainer:
             print(f"resumed at step {self.step} with a change: {change}")
         record = {"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed()} | self.dtype_choice.to_dict()
         world = {"world_size": self.world.size, "parallel": self.parallel, "global_batch": config.global_batch}
-        self.log(record | {"peak_flops": peak, "peak_source": source} | world | {"changes": self.changes})
+        record |= {"peak_flops": peak, "peak_source": source, "optimizer": config.optimizer} | world
+        self.log(record | {"optimizer_summary": optimizer, "changes": self.changes})
         return peak * self.world.size
 
     def _announce_stop(self, signum: int) -> None:
@@ -528,11 +529,13 @@ class Trainer:
                         "tokens": self.tokens_seen,
                         "time": self.elapsed(),
                         "loss": loss,
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": self.optimizer.param_groups[0]["lr"],  # AdamW's (Muon's groups come last)
                         "grad_norm": grad_norm,
                         "tokens_per_s": tokens_per_s,
                         "mfu": tokens_per_s * self.flops_per_token / peak,
                     }
+                    if config.optimizer == "muon":
+                        record["muon_lr"] = self.optimizer.param_groups[-1]["lr"]
                     if self.teacher is not None:  # the loss's two parts, each a mean over the batch's tokens
                         record["distill_kl"], record["ce"] = self.distill_parts
                     if self.model.config.n_experts:  # unweighted, each a mean over the MoE layers run

@@ -86,7 +86,9 @@ def bench_train(
     fp32 as `hf_fp32_*`, the baseline of a mixed-precision win); "naive-loss": our model with full logits and
     F.cross_entropy instead of the chunked linear cross-entropy; "checkpointing-<mode>": our model with
     activation_checkpointing=<mode> (ours runs with `activation_checkpointing`), its peak memory and tokens/s also
-    given as fractions of ours. All use fused AdamW (the default of transformers' Trainer); `compile` wraps every
+    given as fractions of ours; "muon": our model stepped by the trainer's train.optimizer=muon (Muon for the blocks'
+    matrices, AdamW for the rest), its step time as a multiple of ours (`muon_step_vs_ours`). All others use fused
+    AdamW (the default of transformers' Trainer); `compile` wraps every
     model in torch.compile. `dtype="auto"` runs in the dtype the trainer would choose here, and the result gives
     the figures of every candidate. Peak memory (`peak_mb`: tensors allocated during the step and live at once; on
     CPU also `peak_rss_mb`, the rise of resident memory) is that of the last of `warmup` (at least 2) warm-up steps:
@@ -137,6 +139,13 @@ def bench_train(
         steps_by_name["naive_loss"] = training_step(
             maybe_compile(ours), naive_loss, torch.optim.AdamW(ours.parameters(), fused=True), dtype, device
         )
+    if "muon" in compare:
+        from ..train.config import TrainConfig
+        from ..train.optim import build_optimizer
+
+        muon = build_optimizer(ours, TrainConfig(max_steps=1, optimizer="muon"))
+        loss = checkpointed_loss(activation_checkpointing)
+        steps_by_name["muon"] = training_step(maybe_compile(ours), loss, muon, dtype, device)
     if "hf" in compare:
         from ..hf import hf_config_dict, import_transformers
 
@@ -180,6 +189,8 @@ def bench_train(
     for name in ("naive_loss", "hf", "hf_fp32"):
         if name in seconds:
             result[f"ratio_vs_{name}"] = result["tokens_per_s"] / result[f"{name}_tokens_per_s"]
+    if "muon" in compare:
+        result["muon_step_vs_ours"] = result["muon_step_s_median"] / result["step_s_median"]
     for name in CHECKPOINTING_BASELINES:
         if name in compare:
             key = name.replace("-", "_")

@@ -50,10 +50,11 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare",
         nargs="+",
-        choices=["hf", "naive-loss", "checkpointing-none", "checkpointing-full", "checkpointing-selective"],
+        choices=["hf", "naive-loss", "checkpointing-none", "checkpointing-full", "checkpointing-selective", "muon"],
         default=[],
         help="baselines: transformers' LlamaForCausalLM; our model with full logits + F.cross_entropy; "
-        "our model in another activation-checkpointing mode (peak memory and tokens/s as fractions of ours)",
+        "our model in another activation-checkpointing mode (peak memory and tokens/s as fractions of ours); "
+        "our model trained by train.optimizer=muon (muon_step_vs_ours: its step time over AdamW's)",
     )
     parser.add_argument(
         "--nproc",

@@ -136,6 +136,22 @@ def test_resume_of_ddp_in_another_world_size_continues_and_says_so(runs, tmp_pat
     assert max(abs(losses(resumed)[step] - losses(runs / "ddp")[step]) for step in range(4, 7)) < TOLERANCE
 
 
+def test_ddp_with_muon_steps_what_one_process_steps(corpus, tmp_path):
+    """Muon orthogonalises the all-reduced gradient, the same matrix in every process, in five bf16 iterations that
+    spread any one rounding the fp32 sums' order flips: a flip moves a weight by up to ~7% of a step, and the runs
+    drift apart after a few steps. So the bound is on the first step (measured: 2e-8; a missed gradient sync, each
+    process orthogonalising its own half-batch, moves them by 8e-3 and the next loss by 0.04)."""
+    muon = [*COMMON, "--data", str(corpus), "--set", "train.optimizer=muon", "--set", "train.muon_lr=0.01"]
+    muon += ["--set", "train.warmup_steps=0", "--set", "train.max_steps=2", "--set", "train.ckpt_every=1"]
+    check(minigrok("train", *muon, "--out", str(tmp_path / "single"), "--set", "train.batch_size=4"))
+    check(torchrun("train", *muon, "--out", str(tmp_path / "ddp"), "--set", "train.batch_size=2"))
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(ddp) == [1, 2] and max(abs(ddp[step] - single[step]) for step in ddp) < TOLERANCE
+    weights = [load_file(tmp_path / run / "ckpt-1" / "model.safetensors") for run in ("single", "ddp")]
+    assert max_difference(*weights) < 5e-4
+    assert records(tmp_path / "ddp")[0]["optimizer"] == "muon"
+
+
 def test_parallel_is_checked_against_the_launch(corpus, tmp_path):
     result = minigrok(
         "train", *COMMON, "--data", str(corpus), "--out", str(tmp_path / "a"), "--set", "train.parallel=ddp"

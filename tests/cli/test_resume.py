@@ -212,3 +212,30 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(run, monkeypat
     monkeypatch.undo()
     assert main(command + ["--resume", "--set", "train.max_steps=8"]) == 0
     assert (out / "ckpt-8" / "manifest.json").is_file()
+
+
+def test_a_muon_run_saves_its_momentum_and_refuses_the_other_optimizers_state(run, tmp_path, capsys):
+    command, out, corpus = run  # trained with AdamW
+    assert main(command + ["--resume", "--set", "train.optimizer=muon", "--set", "train.max_steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was trained with train.optimizer=adamw, but this one uses train.optimizer=muon" in err
+    assert "--set train.optimizer=adamw" in err
+    muon_out = tmp_path / "muon"
+    muon = ["train", "--config", "tiny", "--out", str(muon_out), "--samples", "0", "--data", str(corpus)]
+    muon += ["--set", "train.optimizer=muon", "--set", "train.ckpt_every=4", "--set", "train.log_every=2"]
+    assert main(muon + ["--set", "train.max_steps=4"]) == 0
+    assert "optimizer: Muon (lr 0.003, momentum 0.95, match_rms_adamw" in capsys.readouterr().out
+    assert segment_records(muon_out)[0]["optimizer"] == "muon"
+    steps = [r for r in map(json.loads, (muon_out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert all(r["muon_lr"] > 0 for r in steps) and len(steps) == 2
+    path = muon_out / "ckpt-4" / "optimizer.safetensors"
+    tensors = load_file(path)
+    name = next(key for key in tensors if key.endswith("momentum_buffer"))
+    assert any(key.endswith("exp_avg") for key in tensors)  # AdamW's moments beside Muon's buffers
+    assert main(muon + ["--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=8"]) == 2
+    assert "trained with train.optimizer=muon, but this one uses train.optimizer=adamw" in capsys.readouterr().err
+    tensors[name] = torch.randn(5)
+    save_file(tensors, path)
+    write_manifest(muon_out / "ckpt-4", json.loads((muon_out / "ckpt-4" / "config.json").read_text()))
+    assert main(muon + ["--resume", "--set", "train.max_steps=8"]) == 2
+    assert f"tensor {name} is (5,) torch.float32" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The training loop: real learning, bit-exact resume, crash-safe checkpoints, divergence stops, schedules."""
 
+import json
 import math
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def optimizer_tensors(trainer):
 
 
 QAT = {"qat": "int4", "qat_group_size": 32, "qat_start_step": 2}
+MUON = {"optimizer": "muon", "muon_lr": 0.01, "muon_momentum_warmup_steps": 6, "grad_accum": 2}
 
 
-@pytest.mark.parametrize("overrides", [{}, QAT], ids=["float", "qat"])
+@pytest.mark.parametrize("overrides", [{}, QAT, MUON], ids=["float", "qat", "muon"])
 def test_resume_is_bit_exact(data, tmp_path, monkeypatch, overrides):
     straight = make_trainer(data, tmp_path / "straight", **overrides)
     straight.train()
@@ -101,6 +103,16 @@ def test_resume_is_bit_exact(data, tmp_path, monkeypatch, overrides):
     # The log holds each step once, as if the run had never stopped.
     steps = [line for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 4
+
+
+def test_muon_trains_a_compiled_model_as_an_eager_one(data, tmp_path):
+    losses = {}
+    for compile in (False, True):
+        make_trainer(data, tmp_path / str(compile), compile=compile, max_steps=4, log_every=1, **MUON).train()
+        records = map(json.loads, (tmp_path / str(compile) / "log.jsonl").read_text().splitlines())
+        losses[compile] = [record["loss"] for record in records if "loss" in record]
+    assert losses[True][-1] < losses[True][0] - 0.1
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def test_qat_switches_on_at_its_start_step(data, tmp_path):
@@ -204,6 +216,17 @@ def test_learning_rate_schedules():
         ({"max_steps": 10, "schedule": "linear"}, "train.schedule='linear'"),
         ({"max_steps": 10, "lr": -1}, "train.lr=-1 must be a positive number"),
         ({"max_steps": 10, "device": "tpu"}, "train.device='tpu'"),
+        ({"max_steps": 10, "optimizer": "sgd"}, r"train.optimizer='sgd' is unknown: choose one of \('adamw', 'muon'\)"),
+        ({"max_steps": 10, "muon_lr": 0}, "train.muon_lr=0 must be a positive number"),
+        ({"max_steps": 10, "muon_momentum": 1.0}, r"train.muon_momentum=1.0 must lie in \[0, 1\)"),
+        ({"max_steps": 10, "muon_momentum_start": -0.1}, r"train.muon_momentum_start=-0.1 must lie in \[0, 1\)"),
+        ({"max_steps": 10, "muon_momentum_warmup_steps": -1}, "train.muon_momentum_warmup_steps=-1 must be an integer"),
+        ({"max_steps": 10, "muon_weight_decay": -1}, "train.muon_weight_decay=-1 must be >= 0"),
+        ({"max_steps": 10, "muon_adjust_lr": "moonshot"}, "train.muon_adjust_lr='moonshot' is unknown"),
+        (
+            {"max_steps": 10, "optimizer": "muon", "parallel": "fsdp"},
+            "train.optimizer=muon does not go with train.parallel=fsdp",
+        ),
     ],
 )
 def test_train_config_errors(overrides, message):
