@@ -140,13 +140,24 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    parser.add_argument(
+        "--tasks", nargs="+", default=None, help="score downstream tasks instead: JSONL task files or 'builtin'"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="score at most this many rows of each task")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens a generation or code row may generate (default 128)"
+    )
+    parser.add_argument("--json", default=None, help="write the task results to this JSON file")
     add_dtype_argument(parser)
 
 
 def run_eval(args: argparse.Namespace) -> None:
     """Print the loss, bits per byte and perplexity of the checkpoint on the corpus, as JSON (`tokens`: the
-    corpus's, `val_tokens`: those scored, at most about --max-tokens)."""
+    corpus's, `val_tokens`: those scored, at most about --max-tokens); with --tasks, the task metrics instead."""
     import json
+
+    if args.tasks:
+        return run_task_eval(args)
     import math
 
     import torch
@@ -166,3 +177,43 @@ def run_eval(args: argparse.Namespace) -> None:
     metrics = evaluate(model, tokens, config, torch.device("cpu"), n_bytes / len(tokens), dtype)
     extra = {"tokens": len(tokens), "perplexity": math.exp(metrics["val_loss"]), "dtype": dtype}
     print(json.dumps(metrics | extra, indent=2))
+
+
+def run_task_eval(args: argparse.Namespace) -> None:
+    """Score each of --tasks, print a table, and with --json write the metrics, the checkpoint, its parameter count
+    and the wall time."""
+    import json
+    import time
+
+    import torch
+
+    from ..machine import autocast
+    from ..tasks import evaluate_task, format_table, task_rows
+
+    if args.data:
+        raise ValueError("--data and --tasks are two kinds of eval: give one of them")
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    started = time.perf_counter()
+    tasks = [task_rows(spec, args.limit) for spec in args.tasks]  # every file checked before the model runs
+    names = [name for name, _, _ in tasks]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--tasks names two tasks {max(names, key=names.count)!r}: give each file its own stem")
+    model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
+    dtype = inference_dtype(args.dtype, model, rows=args.batch_size * model.config.max_seq_len)
+    results = {}
+    with autocast(dtype, torch.device("cpu")):
+        for name, kind, rows in tasks:
+            results[name] = evaluate_task(model, tokenizer, kind, rows, args.batch_size, args.max_new_tokens)
+    print(format_table(results))
+    report = {
+        "checkpoint": args.checkpoint,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": dtype,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "tasks": results,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
