@@ -213,8 +213,7 @@ class ModelConfig:
     window: int | None = None
     """sliding-window size of the windowed (S) layers: a query sees itself and the window - 1 keys before it"""
     window_pattern: str = "S"
-    """S (windowed) / L (full) per logical layer, repeated over depth, e.g. SSSL; applies once window is set (it
-    counts convolution layers too, where it has no effect)"""
+    """S (windowed) / L (full) per layer (convolution layers count too), repeated over depth, e.g. SSSL"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
