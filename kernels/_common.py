@@ -76,3 +76,12 @@ def zero_row(row_ptr, n_cols, BLOCK: tl.constexpr):
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         tl.store(row_ptr + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """cap * tanh(x / cap) in fp32, from one exp (tl has no tanh): tanh |y| = (1 - e) / (1 + e) with e = exp(-2 |y|)
+    <= 1, so nothing overflows (an infinite x gives +-cap)."""
+    e = tl.exp(-2.0 * tl.abs(x / cap))
+    capped = cap * (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -capped, capped)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_settings, zero_row
+from ._common import row_settings, soft_cap, zero_row
 
 _MAX_BLOCK = 4096  # the kernel loops over the vocabulary in blocks of this many logits of each model
 
@@ -30,12 +30,17 @@ def _row_distillation_kernel(
     ignore_index,
     alpha,
     temperature,
+    student_softcap,
+    teacher_softcap,
     REVERSE: tl.constexpr,
+    CAP_STUDENT: tl.constexpr,
+    CAP_TEACHER: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One row: KL and CE into kl_ptr[row], ce_ptr[row]; with COMPUTE_GRAD, grad_scale * d loss / d student logits
-    over the row's student logits."""
+    over the row's student logits. CAP_STUDENT (CAP_TEACHER) soft-caps the student's (teacher's) logits first, c *
+    tanh(logits / c), the gradient taken through the student's cap (times 1 - tanh^2)."""
     row = tl.program_id(0)
     student_row = student_ptr + row.to(tl.int64) * stride_student
     teacher_row = teacher_ptr + row.to(tl.int64) * stride_teacher
@@ -58,7 +63,12 @@ def _row_distillation_kernel(
             cols = start + offs
             mask = cols < n_cols
             z = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if CAP_STUDENT:
+                z = tl.where(mask, soft_cap(z, student_softcap), float("-inf"))
+            if CAP_TEACHER:
+                t = tl.where(mask, soft_cap(t, teacher_softcap), float("-inf"))
+            t = t * inv_t
             s = z * inv_t
             new_z = tl.maximum(z_max, tl.max(z, axis=0))
             z_sum = z_sum * tl.exp(z_max - new_z) + tl.sum(tl.exp(z - new_z), axis=0)
@@ -86,6 +96,8 @@ def _row_distillation_kernel(
         in_range = (target >= 0) & (target < n_cols)
         poison = tl.where(in_range, 0.0, float("nan"))
         target_logit = tl.load(student_row + target, mask=in_range, other=0.0).to(tl.float32)
+        if CAP_STUDENT:
+            target_logit = soft_cap(target_logit, student_softcap)
         tl.store(kl_ptr + row, kl)
         tl.store(ce_ptr + row, lse_z - target_logit + poison)
 
@@ -96,7 +108,12 @@ def _row_distillation_kernel(
                 cols = start + offs
                 mask = cols < n_cols
                 z = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32)
-                t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+                t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
+                if CAP_STUDENT:
+                    z = soft_cap(z, student_softcap)
+                if CAP_TEACHER:
+                    t = soft_cap(t, teacher_softcap)
+                t = t * inv_t
                 log_p_s = z * inv_t - lse_s
                 p_s = tl.exp(log_p_s)
                 if REVERSE:
@@ -106,6 +123,9 @@ def _row_distillation_kernel(
                 ce_grad = tl.exp(z - lse_z)
                 ce_grad = tl.where(cols == target, ce_grad - 1.0, ce_grad)
                 grad = (1.0 - alpha) * ce_grad + alpha * temperature * kl_grad
+                if CAP_STUDENT:
+                    tanh = z / student_softcap
+                    grad *= 1.0 - tanh * tanh
                 tl.store(student_row + cols, grad * grad_scale, mask=mask)
 
 
@@ -118,11 +138,14 @@ def chunk_loss_and_grad(
     temperature: float,
     kind: str,
     grad_scale: torch.Tensor | None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed KL, summed CE) over the non-ignored rows of logits [rows, V] and, given grad_scale (0-d fp32),
     grad_scale * d (alpha T^2 KL + (1 - alpha) CE) / d student logits in fp32.
 
-    kind "forward" is KL(teacher || student), "reverse" KL(student || teacher), both at `temperature`. The gradient
+    kind "forward" is KL(teacher || student), "reverse" KL(student || teacher), both at `temperature`, of each
+    model's logits soft-capped by its cap (c * tanh(logits / c); None: as they are). The gradient
     overwrites the student logits' fp32 copy (the logits themselves when they are fp32 and contiguous). A target outside
     [0, V) that is not ignore_index is never read: its row's CE and gradient come out NaN. Nothing here reads a value
     back to the host.
@@ -148,7 +171,11 @@ def chunk_loss_and_grad(
         ignore_index,
         float(alpha),
         float(temperature),
+        float(student_softcap or 1.0),
+        float(teacher_softcap or 1.0),
         REVERSE=kind == "reverse",
+        CAP_STUDENT=student_softcap is not None,
+        CAP_TEACHER=teacher_softcap is not None,
         COMPUTE_GRAD=grad_scale is not None,
         BLOCK=block,
         num_warps=num_warps,

@@ -186,6 +186,8 @@ class ModelConfig:
     """epsilon added to the mean square in RMSNorm"""
     tie_embeddings: bool = True
     """the output head reuses the token embedding's weights"""
+    logit_softcap: float | None = None
+    """cap the logits smoothly to (-c, c) as c * tanh(logits / c) (Gemma 2; e.g. 30; null = no capping)"""
     share: str = "none"
     """logical layers to physical blocks: none, all (one block), immediate (0,0,1,1,..) or cycle (0,1,..,0,1,..)"""
     n_unique_layers: int | None = None
@@ -244,6 +246,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name}={show(value)} must be a positive number")
+        cap = self.logit_softcap
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap < math.inf):
+            raise ConfigError(f"logit_softcap={show(cap)} must be a positive number such as 30.0, or null (no capping)")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"tie_embeddings={show(self.tie_embeddings)} must be true or false")
         if self.backend not in BACKENDS:

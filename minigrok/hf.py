@@ -133,6 +133,11 @@ def export_hf(model: MiniGrok, directory: str | Path) -> None:
             f"layer_pattern={config.layer_pattern!r} has convolution (C) layers, which the Llama layout cannot hold: "
             "only models with layer_pattern='A' export to Hugging Face"
         )
+    if config.logit_softcap is not None:
+        raise ValueError(
+            f"logit_softcap={config.logit_softcap}: the Llama layout has no logit soft-capping, so the exported model "
+            "would give other logits than this one; only models with logit_softcap=null export to Hugging Face"
+        )
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
     part_rows = _part_rows(config)

@@ -443,7 +443,11 @@ class MiniGrok(nn.Module):
         if targets.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"targets must be integer token ids (int64), not {targets.dtype}; -100 marks ignored ones")
         loss = functional.linear_cross_entropy(
-            x.flatten(0, 1), self.head_weight, targets.flatten(), backend=self.config.backend
+            x.flatten(0, 1),
+            self.head_weight,
+            targets.flatten(),
+            softcap=self.config.logit_softcap,
+            backend=self.config.backend,
         )
         return ModelOutput(loss=loss)
 
@@ -479,9 +483,11 @@ class MiniGrok(nn.Module):
         return torch.stack(balance).mean(), torch.stack(z).mean()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head: vocabulary logits of hidden states [..., dim]; a quantised head multiplies its packed weight."""
+        """The head: vocabulary logits of hidden states [..., dim], soft-capped by config.logit_softcap if set; a
+        quantised head multiplies its packed weight."""
         head = self.embed if self.lm_head is None else self.lm_head
-        return head.linear(hidden) if hasattr(head, "linear") else hidden @ self.head_weight.T
+        logits = head.linear(hidden) if hasattr(head, "linear") else hidden @ self.head_weight.T
+        return functional.soft_cap(logits, self.config.logit_softcap)
 
     # -- generation ---------------------------------------------------------------------------------------------
 

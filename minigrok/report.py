@@ -64,6 +64,7 @@ class ModelReport:
     conv_state_bytes: dict[str, int]  # per sequence, whatever its length: the last k - 1 inputs of each conv layer
     checkpoint_bytes: dict[str, int]
     schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
+    logit_softcap: float | None = None  # the logits are logit_softcap * tanh(z / logit_softcap) of the head's z
 
     def scheme_rows(self) -> list[tuple[str, str]]:
         rows = []
@@ -87,6 +88,10 @@ class ModelReport:
             return []
         return [("windowed layers", f"{self.windowed_layers}, each caching min({self.window}, context) tokens")]
 
+    def softcap_rows(self) -> list[tuple[str, str]]:
+        cap = self.logit_softcap
+        return [] if cap is None else [("logit softcap", f"{cap}: logits = {cap} * tanh(z / {cap})")]
+
     def __str__(self) -> str:
         sparse = self.active_params != self.total_params  # a mixture of experts: a token uses some of them
         rows = [
@@ -97,6 +102,7 @@ class ModelReport:
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
             *self.window_rows(),
+            *self.softcap_rows(),
             *((f"KV cache bytes / token{self.at} ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
             *((f"conv state bytes / sequence ({d})", f"{b:,}") for d, b in self.conv_state_bytes.items() if b),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
@@ -162,6 +168,7 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         conv_state_bytes={d: conv_state * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
         schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
+        logit_softcap=config.logit_softcap,
     )
 
 

@@ -87,5 +87,7 @@ class DistilledStudent(nn.Module):
             alpha=self.config.distill_alpha,
             temperature=self.config.distill_temperature,
             kind=self.config.distill_kind,
+            student_softcap=self.student.config.logit_softcap,
+            teacher_softcap=self.teacher.config.logit_softcap,
             backend=self.student.config.backend,
         )

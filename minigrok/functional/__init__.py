@@ -6,7 +6,7 @@ CUDA tensors to the Triton kernel in `minigrok.kernels` when triton imports (see
 
 from ._dispatch import BACKENDS, triton_available, use_triton
 from .attention import attention, attention_mask, ring_positions
-from .cross_entropy import cross_entropy, linear_cross_entropy
+from .cross_entropy import cross_entropy, linear_cross_entropy, soft_cap
 from .distillation import DistillationLoss, linear_distillation_loss
 from .quantized_matmul import dequantize, quantized_matmul
 from .rms_norm import rms_norm
@@ -27,6 +27,7 @@ __all__ = [
     "ring_positions",
     "rms_norm",
     "rope_cos_sin",
+    "soft_cap",
     "swiglu",
     "triton_available",
     "use_triton",

@@ -8,6 +8,7 @@ be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -54,9 +55,23 @@ def cross_entropy(
     return losses.sum() / valid.sum().clamp(min=1)
 
 
-# (logits, targets, ignore_index, label_smoothing, z_loss, grad_scale) -> (summed loss, grad_scale * d loss / d logits)
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits squashed smoothly into (-cap, cap), near the identity for small ones (Gemma 2's
+    final logit soft-capping, ModelConfig.logit_softcap); cap None leaves them as they are."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def grad_through_soft_cap(grad: torch.Tensor, capped: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The gradient w.r.t. the logits before soft_cap from `grad` w.r.t. the `capped` ones, in place: the chain rule
+    through cap * tanh(z / cap), whose derivative is 1 - tanh^2 = 1 - (capped / cap)^2."""
+    return grad if cap is None else grad.mul_(1 - (capped / cap).square())
+
+
+# (logits, targets, ignore_index, label_smoothing, z_loss, grad_scale, softcap)
+#   -> (summed loss, grad_scale * d loss / d logits)
 ChunkLossAndGrad = Callable[
-    [torch.Tensor, torch.Tensor, int, float, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
+    [torch.Tensor, torch.Tensor, int, float, float, torch.Tensor | None, float | None],
+    tuple[torch.Tensor, torch.Tensor | None],
 ]
 
 
@@ -67,11 +82,15 @@ def chunk_loss_and_grad(
     label_smoothing: float,
     z_loss: float,
     grad_scale: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed loss of one chunk of logits and, given grad_scale (0-d), grad_scale * its fp32 gradient w.r.t. them.
 
-    A target outside [0, V) (and not ignore_index) makes the summed loss and its row's gradient NaN, as in the kernel.
+    With `softcap` the loss is that of soft_cap(logits, softcap), its gradient taken through the cap. A target outside
+    [0, V) (and not ignore_index) makes the summed loss and its row's gradient NaN, as in the kernel.
     """
+    if softcap is not None:
+        logits = soft_cap(logits.float(), softcap)
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= logits.shape[-1]))
     safe_targets = targets.masked_fill(~valid | bad, 0)[:, None]
@@ -95,6 +114,7 @@ def chunk_loss_and_grad(
     if label_smoothing:
         grad.sub_(label_smoothing / logits.shape[-1])
     grad.scatter_add_(1, safe_targets, torch.full_like(target_log_prob[:, None], label_smoothing - 1))
+    grad = grad_through_soft_cap(grad, logits, softcap)
     return loss_sum, grad.mul_((row_weight * grad_scale)[:, None])
 
 
@@ -163,6 +183,7 @@ def chunked_loss_and_grads(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float | None,
     chunk_rows: int,
     chunk_fn: ChunkLossAndGrad,
     want_grad_hidden: bool,
@@ -171,7 +192,7 @@ def chunked_loss_and_grads(
     """Mean loss and, if wanted, the gradients of hidden and weight, one chunk of rows at a time through chunk_fn."""
 
     def step(chunk: slice, logits: torch.Tensor, grad_scale: torch.Tensor | None):
-        return chunk_fn(logits, targets[chunk], ignore_index, label_smoothing, z_loss, grad_scale)
+        return chunk_fn(logits, targets[chunk], ignore_index, label_smoothing, z_loss, grad_scale, softcap)
 
     n_valid = (targets != ignore_index).sum().clamp(min=1)
     return chunk_loop(hidden, weight, n_valid, chunk_rows, step, want_grad_hidden, want_grad_weight)
@@ -206,6 +227,7 @@ def _check_linear_cross_entropy_args(
     ignore_index: int,
     label_smoothing: float,
     chunk_rows: int | None,
+    softcap: float | None = None,
 ) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -228,7 +250,14 @@ def _check_linear_cross_entropy_args(
         raise ValueError(f"linear_cross_entropy: label_smoothing={label_smoothing} must lie in [0, 1]")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows={chunk_rows} must be >= 1, or None for the default")
+    check_softcap("linear_cross_entropy", "softcap", softcap)
     _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
+
+
+def check_softcap(op: str, name: str, cap: float | None) -> None:
+    """Raise ValueError unless the soft cap `name` is None or a positive finite number."""
+    if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap < math.inf):
+        raise ValueError(f"{op}: {name}={cap!r} must be a positive number (e.g. 30.0), or None for no capping")
 
 
 def linear_cross_entropy(
@@ -238,13 +267,15 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     chunk_rows: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """cross_entropy(hidden [N, d] @ weight[V, d]^T, targets) without materialising the [N, V] logits.
+    """cross_entropy(soft_cap(hidden [N, d] @ weight[V, d]^T, softcap), targets) without materialising the [N, V]
+    logits (softcap None: the plain logits).
 
     Rows are processed `chunk_rows` at a time (default: default_chunk_rows); gradients of hidden and weight are
-    formed in the same pass.
+    formed in the same pass, through the soft cap.
 
     Bad target ids: on CPU a target outside [0, V) that is not ignore_index raises ValueError. On CUDA that check
     would wait on the device, so none is made: the kernel masks its read of the target's logit, and a bad target
@@ -257,13 +288,13 @@ def linear_cross_entropy(
     weight's dtype. With C >= d (the default) the accumulation costs at most 8 N V + 8 V d bytes. Half-precision
     inputs on CPU add, per chunk, a [V, d] product and its fp32 copy: 6 V d bytes of temporaries, 20 V d of traffic.
     """
-    _check_linear_cross_entropy_args(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows)
+    _check_linear_cross_entropy_args(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows, softcap)
     if use_triton(backend, hidden):
         from minigrok.kernels.linear_cross_entropy import chunk_loss_and_grad as chunk_fn
     else:
         chunk_fn = chunk_loss_and_grad
     chunk_rows = chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1])
-    args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk_rows, chunk_fn)
+    args = (hidden, weight, targets, ignore_index, label_smoothing, z_loss, softcap, chunk_rows, chunk_fn)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return GradsInForward.apply(hidden, weight, chunked_loss_and_grads, *args[2:])
     return chunked_loss_and_grads(*args, False, False)[0]  # evaluation: the loss alone

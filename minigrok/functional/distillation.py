@@ -13,15 +13,23 @@ from typing import NamedTuple
 import torch
 
 from ._dispatch import use_triton
-from .cross_entropy import GradsInForward, _check_linear_cross_entropy_args, chunk_loop, default_chunk_rows
+from .cross_entropy import (
+    GradsInForward,
+    _check_linear_cross_entropy_args,
+    check_softcap,
+    chunk_loop,
+    default_chunk_rows,
+    grad_through_soft_cap,
+    soft_cap,
+)
 from .cross_entropy import chunk_loss_and_grad as ce_chunk_loss_and_grad
 
 KINDS = ("forward", "reverse")
 
-# (student logits, teacher logits, targets, ignore_index, alpha, temperature, kind, grad_scale)
-#   -> (summed KL, summed CE, grad_scale * d loss / d student logits or None)
+# (student logits, teacher logits, targets, ignore_index, alpha, temperature, kind, grad_scale, student_softcap,
+#  teacher_softcap) -> (summed KL, summed CE, grad_scale * d loss / d student logits or None)
 DistillChunkFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, int, float, float, str, torch.Tensor | None],
+    [torch.Tensor, torch.Tensor, torch.Tensor, int, float, float, str, torch.Tensor | None, float | None, float | None],
     tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
 ]
 
@@ -43,14 +51,21 @@ def chunk_loss_and_grad(
     temperature: float,
     kind: str,
     grad_scale: torch.Tensor | None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed KL at `temperature` and summed CE over the non-ignored rows of one chunk, and, given grad_scale (0-d),
-    grad_scale * the fp32 gradient of alpha * T^2 * KL + (1 - alpha) * CE w.r.t. the student's logits."""
+    grad_scale * the fp32 gradient of alpha * T^2 * KL + (1 - alpha) * CE w.r.t. the student's logits.
+
+    Each model's logits are first soft-capped by its own cap (soft_cap; None: as they are), the gradient taken through
+    the student's."""
+    student_logits = soft_cap(student_logits.float(), student_softcap)
+    teacher_logits = soft_cap(teacher_logits.float(), teacher_softcap)
     ce_scale = None if grad_scale is None else grad_scale * (1 - alpha)
     ce_sum, ce_grad = ce_chunk_loss_and_grad(student_logits, targets, ignore_index, 0.0, 0.0, ce_scale)
     valid = targets != ignore_index
-    log_p_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_student = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher_logits / temperature, dim=-1)
     if kind == "forward":  # KL(teacher || student)
         p = log_p_teacher.exp()
         kl_rows = (p * (log_p_teacher - log_p_student)).sum(-1)
@@ -66,7 +81,8 @@ def chunk_loss_and_grad(
     else:
         kl_grad = p * (log_p_student - log_p_teacher - kl_rows[:, None])
     # T^2 * d KL / d logits = T * d KL / d (logits / T): Hinton et al.'s T^2 keeps the gradient's scale as T grows.
-    return kl_sum, ce_sum, ce_grad + kl_grad * (alpha * temperature * valid * grad_scale)[:, None]
+    grad = ce_grad + kl_grad * (alpha * temperature * valid * grad_scale)[:, None]
+    return kl_sum, ce_sum, grad_through_soft_cap(grad, student_logits, student_softcap)
 
 
 def chunked_distillation_loss_and_grads(
@@ -79,6 +95,8 @@ def chunked_distillation_loss_and_grads(
     alpha: float,
     temperature: float,
     kind: str,
+    student_softcap: float | None,
+    teacher_softcap: float | None,
     chunk_rows: int,
     chunk_fn: DistillChunkFn,
     want_grad_hidden: bool,
@@ -90,9 +108,8 @@ def chunked_distillation_loss_and_grads(
     def step(chunk: slice, student_logits: torch.Tensor, grad_scale: torch.Tensor | None):
         with torch.no_grad():
             teacher_logits = teacher_hidden[chunk] @ teacher_head.T
-        kl_sum, ce_sum, grad = chunk_fn(
-            student_logits, teacher_logits, targets[chunk], ignore_index, alpha, temperature, kind, grad_scale
-        )
+        options = (ignore_index, alpha, temperature, kind, grad_scale, student_softcap, teacher_softcap)
+        kl_sum, ce_sum, grad = chunk_fn(student_logits, teacher_logits, targets[chunk], *options)
         loss_sum = alpha * temperature**2 * kl_sum + (1 - alpha) * ce_sum
         return torch.stack([loss_sum, kl_sum, ce_sum]), grad
 
@@ -143,6 +160,8 @@ def linear_distillation_loss(
     alpha: float = 0.5,
     temperature: float = 1.0,
     kind: str = "forward",
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     ignore_index: int = -100,
     chunk_rows: int | None = None,
     backend: str = "auto",
@@ -153,10 +172,14 @@ def linear_distillation_loss(
     KL_i = KL(softmax(t_i) || softmax(s_i)) for kind="forward" and KL(softmax(s_i) || softmax(t_i)) for "reverse",
     CE_i the cross-entropy of the unscaled student logits against targets[i]. With M the rows whose target is not
     ignore_index (n = max(|M|, 1)): kl = sum_M KL_i / n, ce = sum_M CE_i / n, loss = alpha * T^2 * kl + (1 - alpha) * ce.
-    T^2 (Hinton et al., 2015) keeps the KL's gradient at the scale of the CE's as T changes. The teacher gets no
+    T^2 (Hinton et al., 2015) keeps the KL's gradient at the scale of the CE's as T changes. With student_softcap
+    (teacher_softcap) the student's (teacher's) logits are c * tanh(logits / c) before any of this, as that model's
+    ModelConfig.logit_softcap makes them; None leaves them as they are. The teacher gets no
     gradient; the student's hidden and head do, formed chunk by chunk in forward (memory O(chunk_rows x V)).
     """
     _check_linear_cross_entropy_args(student_hidden, student_head, targets, ignore_index, 0.0, chunk_rows)
+    for name, cap in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        check_softcap("linear_distillation_loss", name, cap)
     _check_distillation_args(
         student_hidden, teacher_hidden, teacher_head, student_head.shape[0], alpha, temperature, kind
     )
@@ -166,7 +189,8 @@ def linear_distillation_loss(
         chunk_fn = chunk_loss_and_grad
     chunk_rows = chunk_rows or default_chunk_rows(student_hidden.shape[0], *student_head.shape)
     teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
-    args = (teacher_hidden, teacher_head, targets, ignore_index, alpha, temperature, kind, chunk_rows, chunk_fn)
+    options = (ignore_index, alpha, temperature, kind, student_softcap, teacher_softcap, chunk_rows, chunk_fn)
+    args = (teacher_hidden, teacher_head, targets, *options)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         losses = GradsInForward.apply(student_hidden, student_head, chunked_distillation_loss_and_grads, *args)
     else:

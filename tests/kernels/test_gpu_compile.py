@@ -122,20 +122,29 @@ def recording(modules: dict[str, ModuleType]):
 
 
 def drive_model(dtype: torch.dtype, head_dim: int, seq_len: int) -> None:
-    """A training step and a distillation loss (the model its own teacher), then a prefill and a one-token decode
-    against a KV cache, of a 4:2 GQA model on the kernels; then the same prefill and decode quantised to int4 and
-    int8 (int4 first: where only the first launch of a kernel is compiled, the one with more to unpack)."""
+    """A training step and a distillation loss (the model its own teacher), with soft-capped logits and then without,
+    then a prefill and a one-token decode against a KV cache, of a 4:2 GQA model on the kernels; then the same prefill
+    and decode quantised to int4 and int8 (capped and int4 first: where only the first launch of a kernel is compiled,
+    the one with more to do)."""
     overrides = {"dim": 4 * head_dim, "n_heads": 4, "n_kv_heads": 2, "head_dim": head_dim, "n_layers": 1}
     overrides |= {"n_unique_layers": None, "max_seq_len": seq_len + 2}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides | {"backend": "triton"})
-    model = MiniGrok(config).to(dtype)
     ids = torch.randint(0, config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
-    model(ids, targets=ids.roll(-1, dims=1)).loss.backward()
-    hidden = model.hidden_states(ids).flatten(0, 1)
-    distillation = functional.linear_distillation_loss(
-        hidden, model.head_weight, hidden.detach(), model.head_weight.detach(), ids.flatten(), backend="triton"
-    )
-    distillation.loss.backward()
+    for softcap in (30.0, None):
+        model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"logit_softcap": softcap})).to(dtype)
+        model(ids, targets=ids.roll(-1, dims=1)).loss.backward()
+        hidden = model.hidden_states(ids).flatten(0, 1)
+        distillation = functional.linear_distillation_loss(
+            hidden,
+            model.head_weight,
+            hidden.detach(),
+            model.head_weight.detach(),
+            ids.flatten(),
+            student_softcap=softcap,
+            teacher_softcap=softcap,
+            backend="triton",
+        )
+        distillation.loss.backward()
     quantized = [quantize_model(MiniGrok(config).to(dtype), bits, group) for bits, group in ((4, 32), (8, None))]
     for decoder in (model, *quantized):
         cache = KVCache(config, 1, seq_len + 1, dtype, ids.device)

@@ -47,9 +47,13 @@ def reference_loss(
     ignore_index: int = IGNORE,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """float64 mean over non-ignored rows of (1-eps) * nll + eps * mean_v(-log p_v) + z_loss * lse^2."""
+    """float64 mean over non-ignored rows of (1-eps) * nll + eps * mean_v(-log p_v) + z_loss * lse^2, of the logits
+    softcap * tanh(logits / softcap) when softcap is given."""
     logits = hidden.double() @ weight.double().T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     log_probs = logits.log_softmax(-1)
     valid = targets != ignore_index
     nll = -log_probs.gather(1, targets.masked_fill(~valid, 0)[:, None])[:, 0]
@@ -74,9 +78,14 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
     return max_err(value, ref) / ref.abs().max().item()
 
 
-def naive_loss(hidden, weight, targets, ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0) -> torch.Tensor:
-    """PyTorch's unfused path in the inputs' dtype: full logits, F.cross_entropy on their fp32 copy."""
+def naive_loss(
+    hidden, weight, targets, ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0, softcap=None
+) -> torch.Tensor:
+    """PyTorch's unfused path in the inputs' dtype: full logits, F.cross_entropy on their fp32 copy (soft-capped in
+    fp32 when softcap is given)."""
     logits = (hidden @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     losses = F.cross_entropy(
         logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
     )
@@ -118,6 +127,51 @@ def test_fp32_matches_float64_reference(impl, vocab, d, n, chunk_rows, label_smo
     assert rel_err(loss, ref_loss) < FP32_TOL
     assert rel_err(grad_h, ref_h) < FP32_TOL
     assert rel_err(grad_w, ref_w) < FP32_TOL
+
+
+SOFTCAPPED_IMPLS = ["kernel", "functional_triton", "functional_torch"]
+
+
+@pytest.mark.parametrize("impl", SOFTCAPPED_IMPLS)
+@pytest.mark.parametrize("label_smoothing, z_loss", SMOOTHING_ZLOSS)
+@pytest.mark.parametrize("vocab, d, n, chunk_rows", SHAPES)
+def test_softcapped_fp32_matches_float64_reference(impl, vocab, d, n, chunk_rows, label_smoothing, z_loss):
+    """Logits of std ~6 under a cap of 5: most are squashed, so the loss and the chain rule through tanh both count."""
+    hidden, weight, targets = make_inputs(n, d, vocab, seed=vocab + d + 1, logit_scale=6.0)
+    opts = dict(ignore_index=IGNORE, label_smoothing=label_smoothing, z_loss=z_loss, softcap=5.0)
+    loss, grad_h, grad_w = loss_and_grads(IMPLS[impl], hidden, weight, targets, chunk_rows, **opts)
+    ref_loss, ref_h, ref_w = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    uncapped = reference_loss(hidden.double(), weight.double(), targets, IGNORE, label_smoothing, z_loss)
+    assert (uncapped - ref_loss).abs() > 0.1 * ref_loss  # the cap changes the loss a lot
+    assert rel_err(loss, ref_loss) < FP32_TOL
+    assert rel_err(grad_h, ref_h) < FP32_TOL
+    assert rel_err(grad_w, ref_w) < FP32_TOL
+
+
+@pytest.mark.parametrize("impl", SOFTCAPPED_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab, d, n, chunk_rows", SHAPES[1:])
+def test_softcapped_low_precision_no_worse_than_naive_torch(impl, dtype, vocab, d, n, chunk_rows):
+    hidden, weight, targets = make_inputs(n, d, vocab, seed=20, logit_scale=6.0)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    opts = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4, softcap=5.0)
+    ours = loss_and_grads(IMPLS[impl], hidden, weight, targets, chunk_rows, **opts)
+    naive = loss_and_grads(naive_loss, hidden, weight, targets, **opts)
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
+    assert_no_worse_than_naive(ours, naive, ref)
+
+
+@pytest.mark.parametrize("impl", SOFTCAPPED_IMPLS)
+def test_softcap_keeps_huge_logits_finite_and_bounded(impl):
+    """Logits in the thousands under a cap of 30: the kernel's tanh (from one exp) saturates without overflow."""
+    hidden, weight, targets = make_inputs(50, 64, 1000, seed=21, logit_scale=2000.0)
+    opts = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    ours = loss_and_grads(IMPLS[impl], hidden, weight, targets, 16, **opts)
+    naive = loss_and_grads(naive_loss, hidden, weight, targets, **opts)
+    ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, **opts)
+    assert ref[0] < 2 * 30 + 10  # each row's loss is at most 2 * cap + log V: bounded, whatever the logits
+    assert_no_worse_than_naive(ours, naive, ref)
 
 
 def test_large_logits_are_stable():
@@ -252,16 +306,21 @@ def test_bad_arguments_raise(change, match):
 
 def test_bad_options_raise():
     hidden, weight, targets = make_inputs(20, 48, 65, seed=11)
+    for softcap in (0.0, -3.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=rf"softcap={softcap!r} must be a positive number"):
+            linear_cross_entropy(hidden, weight, targets, softcap=softcap)
     with pytest.raises(ValueError, match="chunk_rows=0"):
         linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
     with pytest.raises(ValueError, match="label_smoothing=1.5"):
         linear_cross_entropy(hidden, weight, targets, label_smoothing=1.5)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("label_smoothing, z_loss", SMOOTHING_ZLOSS)
-def test_chunk_functions_match_float64(dtype, label_smoothing, z_loss):
-    """Both per-chunk steps the loop can be given: summed loss and grad_scale * d loss / d logits, or the loss alone."""
+def test_chunk_functions_match_float64(dtype, label_smoothing, z_loss, softcap):
+    """Both per-chunk steps the loop can be given: summed loss and grad_scale * d loss / d logits, or the loss alone
+    (with a cap: of the capped logits, the gradient w.r.t. the uncapped ones)."""
     gen = torch.Generator().manual_seed(13)
     logits = (2 * torch.randn(37, 1001, generator=gen)).to(dtype)
     targets = torch.randint(0, 1001, (37,), generator=gen)
@@ -269,20 +328,20 @@ def test_chunk_functions_match_float64(dtype, label_smoothing, z_loss):
     n_valid = (targets != IGNORE).sum()
     opts = (IGNORE, label_smoothing, z_loss)
     identity = torch.eye(1001, dtype=torch.float64)
-    ref_loss, ref_grad, _ = loss_and_grads(reference_loss, logits.double(), identity, targets, *opts)
+    ref_loss, ref_grad, _ = loss_and_grads(reference_loss, logits.double(), identity, targets, *opts, softcap)
     for chunk_fn in (chunk_loss_and_grad, kernel_module.chunk_loss_and_grad):
-        loss_sum, grad = chunk_fn(logits.clone(), targets, *opts, 1.0 / n_valid)
+        loss_sum, grad = chunk_fn(logits.clone(), targets, *opts, 1.0 / n_valid, softcap)
         assert loss_sum.dtype == grad.dtype == torch.float32 and grad.shape == logits.shape
         assert rel_err(loss_sum / n_valid, ref_loss) < FP32_TOL
         assert rel_err(grad, ref_grad) < FP32_TOL
-        loss_alone, no_grad = chunk_fn(logits.clone(), targets, *opts, None)
+        loss_alone, no_grad = chunk_fn(logits.clone(), targets, *opts, None, softcap)
         assert no_grad is None and rel_err(loss_alone / n_valid, ref_loss) < FP32_TOL
 
 
 @pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 1e-4)])
 def test_chunk_loop_gives_the_same_with_either_chunk_function(label_smoothing, z_loss):
     hidden, weight, targets = make_inputs(70, 48, 1000, seed=14)
-    args = (hidden, weight, targets, IGNORE, label_smoothing, z_loss, 16)
+    args = (hidden, weight, targets, IGNORE, label_smoothing, z_loss, None, 16)
     with_torch = chunked_loss_and_grads(*args, chunk_loss_and_grad, True, True)
     with_triton = chunked_loss_and_grads(*args, kernel_module.chunk_loss_and_grad, True, True)
     ref = loss_and_grads(reference_loss, hidden.double(), weight.double(), targets, IGNORE, label_smoothing, z_loss)
@@ -410,7 +469,7 @@ def test_cuda_half_weight_gradient_accumulates_inside_the_gemm(dtype):
     n, d, vocab, chunk_rows = 256, 512, 8192, 16
     hidden, weight, targets = (t.cuda() for t in make_inputs(n, d, vocab, seed=19))
     hidden, weight = hidden.to(dtype), weight.to(dtype)
-    args = (hidden, weight, targets, IGNORE, 0.1, 1e-4, chunk_rows, kernel_module.chunk_loss_and_grad, True, True)
+    args = (hidden, weight, targets, IGNORE, 0.1, 1e-4, None, chunk_rows, kernel_module.chunk_loss_and_grad, True, True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

@@ -35,10 +35,26 @@ def make_inputs(n: int, d_s: int, d_t: int, vocab: int, seed: int):
     return student_hidden, student_head, teacher_hidden, teacher_head, targets
 
 
-def reference(student_hidden, student_head, teacher_hidden, teacher_head, targets, alpha, temperature, kind):
-    """float64 (loss, kl, ce) on full logits: F.kl_div for the KL, F.cross_entropy for the CE."""
+def reference(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    targets,
+    alpha,
+    temperature,
+    kind,
+    student_softcap=None,
+    teacher_softcap=None,
+):
+    """float64 (loss, kl, ce) on full logits (each model's soft-capped as c * tanh(logits / c) when its cap is given):
+    F.kl_div for the KL, F.cross_entropy for the CE."""
     student = student_hidden.double() @ student_head.double().T
     teacher = teacher_hidden.double() @ teacher_head.double().T
+    if student_softcap is not None:
+        student = student_softcap * torch.tanh(student / student_softcap)
+    if teacher_softcap is not None:
+        teacher = teacher_softcap * torch.tanh(teacher / teacher_softcap)
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
     if kind == "forward":  # KL(teacher || student): kl_div(input=log q, target=log p) is sum p (log p - log q)
@@ -81,6 +97,30 @@ def test_fp32_matches_float64_reference(backend, vocab, d_s, d_t, n, chunk_rows,
     assert expected[1] > 0.05  # the teacher and the student disagree: the KL term is tested on something
 
 
+CAPS = [(3.0, None), (None, 2.5), (3.0, 2.5)]  # (student_softcap, teacher_softcap), against logits of std ~2
+CAPPED_SETTINGS = [(0.5, 2.0, "forward"), (0.5, 1.0, "reverse"), (1.0, 2.0, "reverse")]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("student_softcap, teacher_softcap", CAPS)
+@pytest.mark.parametrize("alpha, temperature, kind", CAPPED_SETTINGS)
+@pytest.mark.parametrize("vocab, d_s, d_t, n, chunk_rows", SHAPES)
+def test_softcapped_fp32_matches_float64_reference(
+    backend, vocab, d_s, d_t, n, chunk_rows, alpha, temperature, kind, student_softcap, teacher_softcap
+):
+    """Each model's logits soft-capped by its own cap, the student's gradient taken through its cap."""
+    inputs = make_inputs(n, d_s, d_t, vocab, seed=vocab + n + 1)
+    opts = dict(alpha=alpha, temperature=temperature, kind=kind)
+    opts |= dict(student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+    got = run(mf.linear_distillation_loss, *inputs, chunk_rows=chunk_rows, backend=backend, **opts)
+    as_double = [t.double() if t.is_floating_point() else t for t in inputs]
+    expected = run(reference, *as_double, **opts)
+    uncapped = reference(*as_double, alpha, temperature, kind)
+    assert (uncapped[0] - expected[0]).abs() > 0.01 * expected[0]  # the caps change the loss
+    for name, value, ref in zip(("loss", "kl", "ce", "grad_hidden", "grad_head"), got, expected, strict=True):
+        assert rel_err(value, ref) < FP32_TOL, name
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 def test_long_rows_loop_over_blocks(kind):
     """A vocabulary above the kernel's block: the online logsumexps and KL sum cross block boundaries."""
@@ -92,7 +132,8 @@ def test_long_rows_loop_over_blocks(kind):
         assert all(rel_err(v, r) < FP32_TOL for v, r in zip(got, expected, strict=True)), backend
 
 
-def test_chunk_functions_agree_and_leave_the_teacher_alone():
+@pytest.mark.parametrize("caps", [(None, None), (1.5, 1.0)])  # (student_softcap, teacher_softcap)
+def test_chunk_functions_agree_and_leave_the_teacher_alone(caps):
     gen = torch.Generator().manual_seed(5)
     student = 2 * torch.randn(23, 777, generator=gen)
     teacher = (2 * torch.randn(23, 777, generator=gen)).bfloat16()
@@ -100,13 +141,13 @@ def test_chunk_functions_agree_and_leave_the_teacher_alone():
     targets[::4] = IGNORE
     teacher_copy = teacher.clone()
     for kind in ("forward", "reverse"):
-        args = (targets, IGNORE, 0.3, 1.5, kind, torch.tensor(0.25))
-        torch_out = chunk_loss_and_grad(student.clone(), teacher, *args)
-        triton_out = kernel_module.chunk_loss_and_grad(student.clone(), teacher, *args)
+        args = (targets, IGNORE, 0.3, 1.5, kind)
+        torch_out = chunk_loss_and_grad(student.clone(), teacher, *args, torch.tensor(0.25), *caps)
+        triton_out = kernel_module.chunk_loss_and_grad(student.clone(), teacher, *args, torch.tensor(0.25), *caps)
         for a, b in zip(torch_out, triton_out, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
         assert torch_out[2][::4].eq(0).all() and torch_out[2][1::4].abs().sum() > 0  # ignored rows: no gradient
-        no_grad = kernel_module.chunk_loss_and_grad(student.clone(), teacher, *args[:-1], None)
+        no_grad = kernel_module.chunk_loss_and_grad(student.clone(), teacher, *args, None, *caps)
         assert no_grad[2] is None and torch.equal(no_grad[0], triton_out[0])
     assert torch.equal(teacher, teacher_copy)
 
@@ -142,6 +183,8 @@ def test_all_rows_ignored_gives_zero_not_nan():
         (lambda a: {**a, "temperature": 0}, "temperature=0"),
         (lambda a: {**a, "kind": "sideways"}, "kind='sideways'"),
         (lambda a: {**a, "targets": a["targets"].float()}, "targets"),
+        (lambda a: {**a, "student_softcap": 0.0}, "student_softcap=0.0 must be a positive number"),
+        (lambda a: {**a, "teacher_softcap": -1}, "teacher_softcap=-1 must be a positive number"),
     ],
 )
 def test_bad_arguments_raise(change, match):

@@ -152,6 +152,7 @@ def test_a_checkpoint_saved_before_newer_config_fields_loads_without_a_warning(t
     model = MiniGrok(ModelConfig(**CONFIG))
     model.save_pretrained(tmp_path)
     newer = ("window", "window_pattern", "n_experts", "experts_per_token", "moe_layers", "moe_ffn_dim", "layer_pattern")
+    newer += ("logit_softcap",)
     manifest, config_path = tmp_path / "manifest.json", tmp_path / "config.json"
     for path, key in ((manifest, "config"), (config_path, None)):
         data = json.loads(path.read_text())
