@@ -107,6 +107,8 @@ def window_config(hf: dict, path: Path) -> dict:
         window = None
     # Without layer_types, Mistral windows every layer, Qwen3 those from max_window_layers on.
     first = hf.get("max_window_layers", 28) if qwen3 else 0
+    if not isinstance(first, int):
+        raise CheckpointError(f"{path}: max_window_layers={show(first)} must be an integer (the first windowed layer)")
     default_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
     layer_types = hf.get("layer_types") or default_types
     if not isinstance(layer_types, list) or set(layer_types) - {"sliding_attention", "full_attention"}:

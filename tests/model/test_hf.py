@@ -58,17 +58,19 @@ def test_export_matches_transformers_logits(tmp_path, overrides):
         torch.testing.assert_close(back(ids).logits, ours, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_kv_heads,tied", [(2, False), (1, True)])
-def test_import_random_llama(tmp_path, n_kv_heads, tied):
+@pytest.mark.parametrize("architecture,n_kv_heads,tied", [("Llama", 2, False), ("Llama", 1, True), ("Qwen3", 2, False)])
+def test_import_random_llama_and_qwen3(tmp_path, architecture, n_kv_heads, tied):
+    """A Qwen3 imports as a QK-norm model (its head_dim, 12, not hidden_size / heads)."""
     torch.manual_seed(1)
-    hf_config = transformers.LlamaConfig(
+    hf_config = getattr(transformers, f"{architecture}Config")(
         **SMALL_HF,
         num_key_value_heads=n_kv_heads,
+        head_dim=12,
         rms_norm_eps=1e-6,
         rope_theta=2000.0,
         tie_word_embeddings=tied,
     )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf = getattr(transformers, f"{architecture}ForCausalLM")(hf_config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
@@ -76,6 +78,7 @@ def test_import_random_llama(tmp_path, n_kv_heads, tied):
     hf.save_pretrained(tmp_path)
     model = import_hf(tmp_path).eval()
     assert model.config.n_kv_heads == n_kv_heads and model.config.tie_embeddings == tied
+    assert model.config.qk_norm == (architecture == "Qwen3") and model.config.head_dim == 12
     ids = torch.randint(0, 89, (2, 23))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
@@ -223,22 +226,6 @@ def test_qk_norm_export_matches_transformers_qwen3_logits(tmp_path, overrides):
     assert back.config.qk_norm and back.config.layer_windows() == config.layer_windows()
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours, rtol=1e-5, atol=1e-5)
-
-
-def test_import_random_qwen3(tmp_path):
-    torch.manual_seed(6)
-    hf_config = transformers.Qwen3Config(**SMALL_HF, num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5)
-    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path)
-    model = import_hf(tmp_path).eval()
-    assert model.config.qk_norm and model.config.head_dim == 12 and model.config.window is None
-    ids = torch.randint(0, 89, (2, 23))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

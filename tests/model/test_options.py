@@ -290,3 +290,24 @@ def test_info_shows_the_options(capsys):
 def test_bad_option_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         small_config(**overrides)
+
+
+def test_a_factorised_model_quantises_with_its_projections_and_reloads(tmp_path):
+    """int8 packs embed_proj and head_proj like every projection; the reloaded model gives the same logits."""
+    from minigrok.quantize import load_quantized, quantize_model, save_quantized
+
+    config = small_config(embed_dim=32, qk_norm=True, mlp="relu2")
+    model = built(config)
+    ids = random_ids(config, 2, 11)
+    with torch.no_grad():
+        expected = model(ids).logits
+    quantize_model(model, bits=8, include_embedding=True)
+    assert {"embed.weight", "embed_proj.weight", "head_proj.weight"} <= set(model.quantization.tensors)
+    assert model.report().schemes["int8 + embedding"].disk_bytes == sum(
+        t.numel() * t.element_size() for t in model.state_dict().values()
+    )
+    save_quantized(model, tmp_path)
+    with torch.no_grad():
+        quantized = model(ids).logits
+        torch.testing.assert_close(load_quantized(tmp_path)(ids).logits, quantized)
+    assert (quantized - expected).abs().max() < 0.05 * expected.abs().max()
