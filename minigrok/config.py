@@ -21,6 +21,7 @@ import yaml
 SHARE_MODES = ("none", "all", "immediate", "cycle")
 LAYER_KINDS = {"A": "attention", "C": "gated short convolution"}
 BACKENDS = ("auto", "torch", "triton")
+MLP_KINDS = ("swiglu", "relu2")
 
 
 class ConfigError(ValueError):
@@ -177,7 +178,7 @@ class ModelConfig:
     head_dim: int | None = None
     """channels per head, even for RoPE (null = dim // n_heads)"""
     ffn_dim: int | None = None
-    """hidden width of the SwiGLU MLP (null = 8/3 * dim rounded up to a multiple of 64)"""
+    """hidden width of the MLP (null = 8/3 * dim for swiglu, 4 * dim for relu2, rounded up to a multiple of 64)"""
     max_seq_len: int = 2048
     """longest sequence the model accepts, prompt and generated tokens together"""
     rope_theta: float = 10000.0
@@ -216,6 +217,14 @@ class ModelConfig:
     """sliding-window size of the windowed (S) layers: a query sees itself and the window - 1 keys before it"""
     window_pattern: str = "S"
     """S (windowed) / L (full) per layer (convolution layers count too), repeated over depth, e.g. SSSL"""
+    qk_norm: bool = False
+    """RMSNorm of each query and key head (over head_dim, a learned gain each) before RoPE, as in Qwen3"""
+    mlp: str = "swiglu"
+    """MLP (and expert) kind: swiglu down(silu(gate(x)) * up(x)), or relu2 down(relu(up(x))^2)"""
+    zero_init_proj: bool = False
+    """initialise every residual output projection (attention, conv, MLP and expert down) to zero"""
+    embed_dim: int | None = None
+    """width of the token embedding, below dim, factorised: embed_proj up to dim, head_proj down before the head"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -239,8 +248,11 @@ class ModelConfig:
             raise ConfigError(
                 f"head_dim={self.head_dim} is odd: RoPE rotates pairs of channels, so use an even head_dim"
             )
-        if self.ffn_dim is None:
-            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.mlp not in MLP_KINDS:
+            raise ConfigError(f"mlp={show(self.mlp)} is unknown: choose one of {MLP_KINDS}")
+        if self.ffn_dim is None:  # relu2 has two matrices to swiglu's three: 3/2 the width, the same parameters
+            hidden = 8 * self.dim / 3 if self.mlp == "swiglu" else 4 * self.dim
+            self.ffn_dim = 64 * math.ceil(hidden / 64)
         self._check_positive_int("ffn_dim")
         for name in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
@@ -249,8 +261,16 @@ class ModelConfig:
         cap = self.logit_softcap
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap < math.inf):
             raise ConfigError(f"logit_softcap={show(cap)} must be a positive number such as 30.0, or null (no capping)")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings={show(self.tie_embeddings)} must be true or false")
+        for name in ("tie_embeddings", "qk_norm", "zero_init_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={show(getattr(self, name))} must be true or false")
+        if self.embed_dim is not None:
+            self._check_positive_int("embed_dim")
+            if self.embed_dim >= self.dim:
+                raise ConfigError(
+                    f"embed_dim={self.embed_dim} must be below dim={self.dim} to factorise the embedding: choose a "
+                    f"smaller embed_dim (e.g. {max(1, self.dim // 4)}) or null for an embedding of width dim"
+                )
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={show(self.backend)} is unknown: choose one of {BACKENDS}")
         self._resolve_sharing()

@@ -6,6 +6,9 @@ so an exported model has n_layers unique blocks and imports back with share="non
 Sliding-window models export as MinistralForCausalLM: Llama's tensors and layout, plus `sliding_window` and the
 `layer_types` of each layer (the same window: a query sees itself and the sliding_window - 1 keys before it).
 Mistral and Ministral checkpoints import the same way.
+QK-norm models export as Qwen3ForCausalLM: Llama's tensors plus each attention's q_norm and k_norm gains, applied per
+head over head_dim before RoPE with the model's rms_norm_eps, as ours; with a window, Qwen3's use_sliding_window and
+layer_types. Qwen3 checkpoints import back.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ BLOCK_NAMES = {
     "attn_norm.weight": ("input_layernorm.weight",),
     "mlp_norm.weight": ("post_attention_layernorm.weight",),
 }
+QK_NORM_NAMES = {"attn.q_norm.weight": ("self_attn.q_norm.weight",), "attn.k_norm.weight": ("self_attn.k_norm.weight",)}
 TOP_NAMES = {
     "embed.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -75,24 +79,38 @@ def _part_rows(config: ModelConfig) -> dict[str, list[int]]:
     return {"attn.qkv_proj.weight": [q_rows, kv_rows, kv_rows], "mlp.gate_up_proj.weight": [config.ffn_dim] * 2}
 
 
-def window_fields(config: ModelConfig) -> dict:
-    """The architecture and window fields of config.json: Llama's, or Ministral's for a sliding-window model."""
+def block_names(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """BLOCK_NAMES, and with qk_norm the q_norm and k_norm gains of Qwen3's attention."""
+    return BLOCK_NAMES | (QK_NORM_NAMES if config.qk_norm else {})
+
+
+def architecture_fields(config: ModelConfig) -> dict:
+    """The architecture and window fields of config.json: Llama's, Ministral's for a sliding-window model, Qwen3's
+    (with its sliding-window switch) for a QK-norm one."""
+    layer_types = ["full_attention" if w is None else "sliding_attention" for w in config.layer_windows()]
+    window = {"sliding_window": config.window, "layer_types": layer_types}
+    if config.qk_norm:
+        qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
+        return qwen3 if config.window is None else qwen3 | {"use_sliding_window": True} | window
     if config.window is None:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    layer_types = ["full_attention" if w is None else "sliding_attention" for w in config.layer_windows()]
-    return {
-        "architectures": ["MinistralForCausalLM"],
-        "model_type": "ministral",
-        "sliding_window": config.window,
-        "layer_types": layer_types,
-    }
+    return {"architectures": ["MinistralForCausalLM"], "model_type": "ministral"} | window
 
 
 def window_config(hf: dict, path: Path) -> dict:
-    """window and window_pattern of a Llama, Mistral or Ministral config.json (a layer_types period as the pattern)."""
+    """window and window_pattern of a Llama, Mistral, Ministral or Qwen3 config.json (a layer_types period as the
+    pattern)."""
+    qwen3 = hf.get("model_type") == "qwen3"
     window = hf.get("sliding_window") if hf.get("model_type") != "llama" else None
     n_layers = hf["num_hidden_layers"] if isinstance(hf["num_hidden_layers"], int) else 0  # ModelConfig checks it
-    layer_types = hf.get("layer_types") or ["sliding_attention"] * n_layers  # Mistral: every layer
+    if qwen3 and not hf.get("use_sliding_window"):
+        window = None
+    # Without layer_types, Mistral windows every layer, Qwen3 those from max_window_layers on.
+    first = hf.get("max_window_layers", 28) if qwen3 else 0
+    if not isinstance(first, int):
+        raise CheckpointError(f"{path}: max_window_layers={show(first)} must be an integer (the first windowed layer)")
+    default_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    layer_types = hf.get("layer_types") or default_types
     if not isinstance(layer_types, list) or set(layer_types) - {"sliding_attention", "full_attention"}:
         raise CheckpointError(
             f"{path}: layer_types={show(layer_types)} must list sliding_attention or full_attention per layer"
@@ -105,9 +123,9 @@ def window_config(hf: dict, path: Path) -> dict:
 
 
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The Llama (or, with a window, Ministral) config.json fields describing `config`."""
+    """The Llama (or, with a window, Ministral; with qk_norm, Qwen3) config.json fields describing `config`."""
     return (
-        window_fields(config)
+        architecture_fields(config)
         | {hf_key: getattr(config, field) for field, hf_key in CONFIG_NAMES.items()}
         | {
             "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
@@ -121,8 +139,18 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
 
 def export_hf(model: MiniGrok, directory: str | Path) -> None:
     """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained loads (a windowed
-    model: MinistralForCausalLM, or AutoModelForCausalLM)."""
+    model: MinistralForCausalLM, a QK-norm one: Qwen3ForCausalLM; or AutoModelForCausalLM)."""
     config, state = model.config, model.state_dict()
+    if config.mlp != "swiglu":
+        raise ValueError(
+            f"mlp={config.mlp!r}: the Llama and Qwen3 layouts have SwiGLU MLPs only, so this model cannot be "
+            "exported; export a model with mlp='swiglu'"
+        )
+    if config.embed_dim is not None:
+        raise ValueError(
+            f"embed_dim={config.embed_dim}: the Llama and Qwen3 layouts have no factorised embedding (embed_proj, "
+            "head_proj), so this model cannot be exported; export a model with embed_dim=null"
+        )
     if config.n_experts:
         raise ValueError(
             f"n_experts={config.n_experts}: the Llama layout has dense MLPs only, so a mixture-of-experts model "
@@ -142,7 +170,7 @@ def export_hf(model: MiniGrok, directory: str | Path) -> None:
     tensors = {hf_name: state[name] for name, hf_name in TOP_NAMES.items() if name not in tied}
     part_rows = _part_rows(config)
     for layer, block in enumerate(model.layer_blocks):
-        for name, hf_names in BLOCK_NAMES.items():
+        for name, hf_names in block_names(config).items():
             fused = state[f"blocks.{block}.{name}"]
             parts = fused.split(part_rows.get(name, [fused.shape[0]]))
             tensors |= {f"model.layers.{layer}.{hf_name}": part for hf_name, part in zip(hf_names, parts, strict=True)}
@@ -160,9 +188,9 @@ _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some older Llama checkpoints c
 def _config_from_hf(hf: object, path: Path) -> ModelConfig:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a Llama config object")
-    if hf.get("model_type") not in ("llama", "mistral", "ministral"):
+    if hf.get("model_type") not in ("llama", "mistral", "ministral", "qwen3"):
         raise CheckpointError(
-            f"{path}: model_type={show(hf.get('model_type'))}; import_hf reads Llama, Mistral and Ministral "
+            f"{path}: model_type={show(hf.get('model_type'))}; import_hf reads Llama, Mistral, Ministral and Qwen3 "
             "checkpoints only"
         )
     if missing := [key for key in _REQUIRED_HF if key not in hf]:
@@ -185,6 +213,8 @@ def _config_from_hf(hf: object, path: Path) -> ModelConfig:
         fields["rope_theta"] = rope["rope_theta"]
     n_heads = fields["n_heads"]
     fields.setdefault("n_kv_heads", n_heads)
+    if hf["model_type"] == "qwen3":
+        fields |= {"qk_norm": True} | ({} if "head_dim" in fields else {"head_dim": 128})  # Qwen3's default
     if "head_dim" not in fields and isinstance(n_heads, int) and n_heads:
         fields["head_dim"] = fields["dim"] // n_heads
     fields["tie_embeddings"] = bool(fields.get("tie_embeddings", False))  # Llama's defaults, where ours differ
@@ -229,7 +259,8 @@ def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(directory: str | Path) -> MiniGrok:
-    """Build a MiniGrok (share="none") from a Hugging Face Llama directory of config.json + safetensors.
+    """Build a MiniGrok (share="none") from a Hugging Face Llama (Mistral, Ministral, Qwen3) directory of
+    config.json + safetensors.
 
     Every tensor of the checkpoint must be used: layers beyond num_hidden_layers, or names we do not know, are
     refused rather than dropped."""
@@ -247,7 +278,7 @@ def import_hf(directory: str | Path) -> MiniGrok:
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
     state = {name: take(hf_name) for name, hf_name in TOP_NAMES.items() if name not in tied}
     for layer in range(config.n_layers):
-        for name, hf_names in BLOCK_NAMES.items():
+        for name, hf_names in block_names(config).items():
             state[f"blocks.{layer}.{name}"] = torch.cat(
                 [take(f"model.layers.{layer}.{hf_name}") for hf_name in hf_names]
             )

@@ -1,4 +1,5 @@
-"""MiniGrok: a compact pre-norm decoder (RMSNorm, RoPE, SwiGLU, GQA/MQA, shared-parameter layers)."""
+"""MiniGrok: a compact pre-norm decoder (RMSNorm, RoPE, SwiGLU or ReLU², GQA/MQA, QK-norm, shared-parameter layers,
+factorised embeddings)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import functional
@@ -206,7 +208,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with n_kv_heads key/value heads; q, k and v come from one fused projection.
+    """Multi-head attention with n_kv_heads key/value heads; q, k and v come from one fused projection. With
+    qk_norm, each query and key head is RMS-normed over head_dim (q_norm, k_norm: one gain each) before RoPE.
 
     Its three steps are separate methods so that selective activation checkpointing (Block) can keep the attention
     op's tensors while it recomputes the projections around it."""
@@ -216,18 +219,23 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.backend) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.backend) if config.qk_norm else None
         self.backend = config.backend
         self.windows = config.layer_windows()  # the window at each logical layer (a shared block runs at several)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [B, H, T, D] and k, v [B, Hkv, T, D] of x [B, T, dim], RoPE applied to q and k."""
+        """q [B, H, T, D] and k, v [B, Hkv, T, D] of x [B, T, dim], q and k normed (qk_norm), then rotated (RoPE)."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
         )
         # [B, T, H*D] -> [B, H, T, D] as strided views; the ops take any strides.
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         return q, k, v
@@ -250,16 +258,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one fused projection."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one fused projection; with mlp="relu2",
+    down(relu(up(x))^2) (two matrices, as in modded-nanogpt and Primer)."""
 
     def __init__(self, config: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
         ffn_dim = config.ffn_dim if ffn_dim is None else ffn_dim
-        self.gate_up_proj = nn.Linear(config.dim, 2 * ffn_dim, bias=False)
+        self.relu2 = config.mlp == "relu2"
+        if self.relu2:
+            self.up_proj = nn.Linear(config.dim, ffn_dim, bias=False)
+        else:
+            self.gate_up_proj = nn.Linear(config.dim, 2 * ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, config.dim, bias=False)
         self.backend = config.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu2:
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(functional.swiglu(gate, up, backend=self.backend))
 
@@ -326,6 +341,8 @@ def block_shapes(config: ModelConfig, kind: str = "A", moe: bool = False) -> dic
         "attn.qkv_proj.weight": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, dim),
         "attn.o_proj.weight": (dim, config.n_heads * head_dim),
     }
+    if config.qk_norm:
+        mixer |= {"attn.q_norm.weight": (head_dim,), "attn.k_norm.weight": (head_dim,)}
     if kind == "C":
         mixer = {
             "conv.weight": (dim, 1, config.conv_kernel_size),
@@ -333,36 +350,59 @@ def block_shapes(config: ModelConfig, kind: str = "A", moe: bool = False) -> dic
             "conv.out_proj.weight": (dim, dim),
         }
     shapes = {"attn_norm.weight": (dim,), **mixer, "mlp_norm.weight": (dim,)}
+    # The MLP's input projection: SwiGLU's fused gate and up, or ReLU²'s up alone.
+    up_name, up_rows = ("up_proj", 1) if config.mlp == "relu2" else ("gate_up_proj", 2)
     if not moe:
         return shapes | {
-            "mlp.gate_up_proj.weight": (2 * config.ffn_dim, dim),
+            f"mlp.{up_name}.weight": (up_rows * config.ffn_dim, dim),
             "mlp.down_proj.weight": (dim, config.ffn_dim),
         }
     experts, hidden = config.n_experts, config.moe_ffn_dim
     shapes |= {
-        "mlp.gate_up_proj": (experts, 2 * hidden, dim),
+        f"mlp.{up_name}": (experts, up_rows * hidden, dim),
         "mlp.down_proj": (experts, dim, hidden),
         "mlp.router.weight": (experts, dim),
     }
     if config.moe_shared_expert:
-        shapes |= {"mlp.shared.gate_up_proj.weight": (2 * hidden, dim), "mlp.shared.down_proj.weight": (dim, hidden)}
+        shapes |= {
+            f"mlp.shared.{up_name}.weight": (up_rows * hidden, dim),
+            "mlp.shared.down_proj.weight": (dim, hidden),
+        }
     return shapes
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of MiniGrok(config).state_dict(), by arithmetic alone: a checkpoint is checked
     against its config before anything is built or allocated."""
-    shapes = {"embed.weight": (config.vocab_size, config.dim)}
+    outside = outside_shapes(config)
+    shapes = {name: shape for name, shape in outside.items() if name.startswith("embed")}
     for index, (kind, moe) in enumerate(zip(config.block_kinds(), config.moe_blocks(), strict=True)):
         shapes |= {f"blocks.{index}.{name}": shape for name, shape in block_shapes(config, kind, moe).items()}
+    return shapes | {name: shape for name, shape in outside.items() if not name.startswith("embed")}
+
+
+def outside_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors outside the blocks, in the order MiniGrok registers them: the embedding (with
+    embed_dim, embed_dim wide and projected up to dim), the final norm, the down projection to embed_dim and an
+    untied head."""
+    width = config.embed_dim or config.dim
+    shapes = {"embed.weight": (config.vocab_size, width)}
+    if config.embed_dim:
+        shapes["embed_proj.weight"] = (config.dim, width)
     shapes["norm.weight"] = (config.dim,)
+    if config.embed_dim:
+        shapes["head_proj.weight"] = (width, config.dim)
     if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, config.dim)
+        shapes["lm_head.weight"] = (config.vocab_size, width)
     return shapes
 
 
 class MiniGrok(nn.Module):
     """The decoder. `blocks` holds the n_unique_layers physical blocks; `layer_blocks[i]` is the block run at layer i.
+
+    With embed_dim the vocabulary-sized matrices are embed_dim wide: tokens are embedded at embed_dim and projected up
+    (embed_proj), and the final hidden state is projected down (head_proj, a matrix of its own, not embed_proj's
+    transpose: reading out of the residual stream is not the inverse of writing into it) before the head.
 
     `activation_checkpointing` (one of CHECKPOINTING, "none" by default) applies to forward passes that build a
     graph; it is a choice of how to train, not part of the model, so it is an attribute rather than a config field.
@@ -371,19 +411,23 @@ class MiniGrok(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        width = config.embed_dim or config.dim
+        self.embed = nn.Embedding(config.vocab_size, width)
+        self.embed_proj = nn.Linear(width, config.dim, bias=False) if config.embed_dim else None
         self.blocks = nn.ModuleList(
             Block(config, kind, moe) for kind, moe in zip(config.block_kinds(), config.moe_blocks(), strict=True)
         )
         self.layer_blocks = config.layer_blocks()
         self.norm = RMSNorm(config.dim, config.norm_eps, config.backend)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head_proj = nn.Linear(config.dim, width, bias=False) if config.embed_dim else None
+        self.lm_head = None if config.tie_embeddings else nn.Linear(width, config.vocab_size, bias=False)
         self.activation_checkpointing = "none"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); conv
-        taps uniform in +-1/sqrt(k), as torch's Conv1d."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2), or zero
+        with zero_init_proj (each block starts as the identity); conv taps uniform in +-1/sqrt(k), as torch's Conv1d;
+        the embedding's projections normal(0, 1/sqrt(fan_in)), which keep the scale of what they project."""
         std = self.config.init_std
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -391,8 +435,13 @@ class MiniGrok(nn.Module):
             elif name.endswith("conv.weight"):
                 bound = 1 / math.sqrt(self.config.conv_kernel_size)
                 nn.init.uniform_(param, -bound, bound)
+            elif name in ("embed_proj.weight", "head_proj.weight"):
+                nn.init.normal_(param, std=1 / math.sqrt(param.shape[1]))
             elif name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "down_proj")):
-                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(param, std=std)
 
@@ -452,8 +501,8 @@ class MiniGrok(nn.Module):
         return ModelOutput(loss=loss)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, dim] that the head turns into logits (a teacher's, for distillation),
-        unchecked: forward and generate check the ids."""
+        """The final-normed hidden states [B, T, dim] (with embed_dim: projected down to [B, T, embed_dim]) that the
+        head turns into logits (a teacher's, for distillation), unchecked: forward and generate check the ids."""
         if cache is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             cos, sin = functional.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
@@ -463,6 +512,8 @@ class MiniGrok(nn.Module):
             if isinstance(block.mlp, MoE):
                 block.mlp.losses.clear()
         x = self.embed(input_ids)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
         checkpointing = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
         if checkpointing not in CHECKPOINTING:
             raise ValueError(f"activation_checkpointing={checkpointing!r} is unknown: choose one of {CHECKPOINTING}")
@@ -470,7 +521,8 @@ class MiniGrok(nn.Module):
             x = self.blocks[block_index](x, cos, sin, cache, layer, checkpointing)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        return self.norm(x)
+        x = self.norm(x)
+        return x if self.head_proj is None else self.head_proj(x)
 
     def router_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The MoE layers' load-balancing and z losses of the last forward, each a mean over the MoE layer positions
@@ -483,8 +535,8 @@ class MiniGrok(nn.Module):
         return torch.stack(balance).mean(), torch.stack(z).mean()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head: vocabulary logits of hidden states [..., dim], soft-capped by config.logit_softcap if set; a
-        quantised head multiplies its packed weight."""
+        """The head: vocabulary logits of hidden states [..., dim or embed_dim] (see hidden_states), soft-capped by
+        config.logit_softcap if set; a quantised head multiplies its packed weight."""
         head = self.embed if self.lm_head is None else self.lm_head
         logits = head.linear(hidden) if hasattr(head, "linear") else hidden @ self.head_weight.T
         return functional.soft_cap(logits, self.config.logit_softcap)

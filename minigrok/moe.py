@@ -1,4 +1,5 @@
-"""Sparse mixture-of-experts MLP: a router sends each token to its top-k of n_experts SwiGLU experts.
+"""Sparse mixture-of-experts MLP: a router sends each token to its top-k of n_experts SwiGLU (or, with mlp="relu2",
+ReLU²) experts.
 
 Routing: softmax over all experts' logits, the k largest probabilities kept as the weights, not renormalised (as in
 Switch/GShard: with k = 1 the router still gets a gradient through the output). Tokens are sorted by expert
@@ -63,13 +64,18 @@ def matmul_kind(x: torch.Tensor, hidden: int) -> str:
 
 class MoE(nn.Module):
     """Router, n_experts stacked SwiGLU experts ([n_experts, 2 * moe_ffn_dim, dim] and [n_experts, dim, moe_ffn_dim],
-    the nn.Linear layout) and an optional `shared` MLP that every token also goes through."""
+    the nn.Linear layout; ReLU² experts: `up_proj` [n_experts, moe_ffn_dim, dim]) and an optional `shared` MLP that
+    every token also goes through."""
 
     def __init__(self, config: ModelConfig, shared: nn.Module | None = None):
         super().__init__()
         experts, hidden = config.n_experts, config.moe_ffn_dim
         self.router = nn.Linear(config.dim, experts, bias=False)
-        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, config.dim))
+        self.relu2 = config.mlp == "relu2"
+        if self.relu2:
+            self.up_proj = nn.Parameter(torch.empty(experts, hidden, config.dim))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, config.dim))
         self.down_proj = nn.Parameter(torch.empty(experts, config.dim, hidden))
         self.shared = shared
         self.k, self.capacity_factor = config.experts_per_token, config.moe_capacity_factor
@@ -99,8 +105,12 @@ class MoE(nn.Module):
             order, experts, counts = order[kept], experts[kept], counts.clamp(max=capacity)
         tokens = order // self.k
         how = matmul_kind(flat, self.down_proj.shape[-1])
-        gate, up = expert_matmul(flat[tokens], self.gate_up_proj, experts, counts, how).chunk(2, dim=-1)
-        out = expert_matmul(functional.swiglu(gate, up, backend=self.backend), self.down_proj, experts, counts, how)
+        if self.relu2:
+            hidden = F.relu(expert_matmul(flat[tokens], self.up_proj, experts, counts, how)).square()
+        else:
+            gate, up = expert_matmul(flat[tokens], self.gate_up_proj, experts, counts, how).chunk(2, dim=-1)
+            hidden = functional.swiglu(gate, up, backend=self.backend)
+        out = expert_matmul(hidden, self.down_proj, experts, counts, how)
         y = torch.zeros_like(flat).index_add(0, tokens, out * weights.flatten()[order, None])
         if self.shared is not None:
             y = y + self.shared(flat)

@@ -40,7 +40,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .files import write_json
 from .functional.quantized_matmul import dequantize, quantized_matmul, scale_values, unpack_int4
-from .model import MiniGrok, block_shapes, parameter_shapes
+from .model import MiniGrok, block_shapes, outside_shapes, parameter_shapes
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -80,8 +80,9 @@ class Quantization:
 
 
 def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]:
-    """The float weights quantisation replaces: every projection of every physical block (a shared block once) and,
-    with `include_embedding`, the embedding (the tied head) and an untied head. Mixture-of-experts models are refused."""
+    """The float weights quantisation replaces: every projection of every physical block (a shared block once) and
+    of a factorised embedding (embed_dim) and, with `include_embedding`, the embedding (the tied head) and an untied
+    head. Mixture-of-experts models are refused."""
     if config.n_experts:
         raise ValueError(
             f"n_experts={config.n_experts}: quantisation does not handle mixture-of-experts models (their experts "
@@ -93,8 +94,7 @@ def quantizable_names(config: ModelConfig, include_embedding: bool) -> list[str]
         for name in block_shapes(config, kind)
         if is_quantizable(name, include_embedding)
     ]
-    outside = ["embed.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
-    return names + [name for name in outside if is_quantizable(name, include_embedding)]
+    return names + [name for name in outside_shapes(config) if is_quantizable(name, include_embedding)]
 
 
 def is_quantizable(name: str, include_embedding: bool) -> bool:

@@ -1,7 +1,8 @@
 """Sizes and costs of a model: parameters, FLOPs per token, KV-cache and checkpoint bytes.
 
 FLOPs per token, with N_matmul the weights that multiply activations (every projection at every layer position,
-and the output head, tied or not; of an MoE MLP the router, the shared expert and experts_per_token of the experts),
+the output head, tied or not, and a factorised embedding's two projections; of an MoE MLP the router, the shared
+expert and experts_per_token of the experts),
 T the context and d_attn = n_heads * head_dim:
     forward  = 2 * N_matmul + 4 * n_attention_layers * T * d_attn * 1/2   (QK^T and AV; causal: half the keys)
                + 2 * n_conv_layers * conv_kernel_size * dim                  (the depthwise taps of C layers)
@@ -64,7 +65,8 @@ class ModelReport:
     conv_state_bytes: dict[str, int]  # per sequence, whatever its length: the last k - 1 inputs of each conv layer
     checkpoint_bytes: dict[str, int]
     schemes: dict[str, SchemeSize | str]  # a scheme that does not fit the shapes: why not
-    logit_softcap: float | None = None  # the logits are logit_softcap * tanh(z / logit_softcap) of the head's z
+    options: list[str]  # the architecture options that differ from the defaults (qk_norm, mlp, ...)
+    embedding_saving: int | None  # with embed_dim: unique parameters saved against embed_dim=dim (negative: added)
 
     def scheme_rows(self) -> list[tuple[str, str]]:
         rows = []
@@ -88,13 +90,18 @@ class ModelReport:
             return []
         return [("windowed layers", f"{self.windowed_layers}, each caching min({self.window}, context) tokens")]
 
-    def softcap_rows(self) -> list[tuple[str, str]]:
-        cap = self.logit_softcap
-        return [] if cap is None else [("logit softcap", f"{cap}: logits = {cap} * tanh(z / {cap})")]
+    def option_rows(self) -> list[tuple[str, str]]:
+        rows = [("options", ", ".join(self.options))] if self.options else []
+        if self.embedding_saving is not None:
+            rows.append(
+                ("parameters saved by embed_dim", f"{self.embedding_saving:,} (against an embedding of width dim)")
+            )
+        return rows
 
     def __str__(self) -> str:
         sparse = self.active_params != self.total_params  # a mixture of experts: a token uses some of them
         rows = [
+            *self.option_rows(),
             ("total parameters", f"{self.total_params:,}"),
             *([("active parameters / token", f"{self.active_params:,}")] if sparse else []),
             ("unique parameters", f"{self.unique_params:,}"),
@@ -102,7 +109,6 @@ class ModelReport:
             (f"forward FLOPs / token @ {self.context}", f"{self.forward_flops_per_token:,}"),
             (f"train FLOPs / token @ {self.context}", f"{self.train_flops_per_token:,}"),
             *self.window_rows(),
-            *self.softcap_rows(),
             *((f"KV cache bytes / token{self.at} ({d})", f"{b:,}") for d, b in self.kv_cache_bytes_per_token.items()),
             *((f"conv state bytes / sequence ({d})", f"{b:,}") for d, b in self.conv_state_bytes.items() if b),
             *((f"checkpoint size ({d})", f"{b / 2**20:,.2f} MiB") for d, b in self.checkpoint_bytes.items()),
@@ -114,7 +120,7 @@ class ModelReport:
 
 def model_report(config: ModelConfig, context: int | None = None) -> ModelReport:
     """The report of a model of `config`, by arithmetic on its shapes: nothing is built, so any size answers at once."""
-    from .model import block_shapes
+    from .model import block_shapes, outside_shapes
 
     context = config.max_seq_len if context is None else context
     if context < 1:
@@ -125,7 +131,7 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
     params = {key: sum(math.prod(shape) for shape in block.values()) for key, block in blocks.items()}
 
     def used(name: str, shape: tuple[int, ...]) -> int:  # the weights one token uses: k of the n_experts stacked
-        stacked = name in ("mlp.gate_up_proj", "mlp.down_proj")
+        stacked = name in ("mlp.gate_up_proj", "mlp.up_proj", "mlp.down_proj")
         return math.prod(shape) * config.experts_per_token // config.n_experts if stacked else math.prod(shape)
 
     active = {key: sum(used(n, s) for n, s in block.items()) for key, block in blocks.items()}
@@ -134,13 +140,15 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         for key, block in blocks.items()
     }
     positions = [block_types[index] for index in config.layer_blocks()]
-    embedding = config.vocab_size * config.dim
-    head = 0 if config.tie_embeddings else embedding
-    outside = embedding + head + config.dim  # and the final norm
+    sizes = {name: math.prod(shape) for name, shape in outside_shapes(config).items()}
+    embedding, head = sizes["embed.weight"], sizes.get("lm_head.weight", 0)
+    outside = sum(sizes.values())  # the embedding, its projections, the final norm and an untied head
     unique = sum(params[key] for key in block_types) + outside
     total = sum(params[key] for key in positions) + outside  # shared blocks once per position
     active_params = sum(active[key] for key in positions) + outside
-    matmul_params = sum(matmul[key] for key in positions) + embedding  # the head, tied or not
+    projections = outside - embedding - head - config.dim  # of a factorised embedding (embed_dim)
+    unfactorised = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)  # embedding and head at dim
+    matmul_params = sum(matmul[key] for key in positions) + embedding + projections  # the head, tied or not
     conv_layers = config.layer_kinds().count("C")
     attention_dim = config.n_heads * config.head_dim
     windows = [w for w, kind in zip(config.layer_windows(), config.layer_kinds(), strict=True) if kind == "A"]
@@ -168,8 +176,23 @@ def model_report(config: ModelConfig, context: int | None = None) -> ModelReport
         conv_state_bytes={d: conv_state * b for d, b in DTYPE_BYTES.items()},
         checkpoint_bytes={d: unique * b for d, b in DTYPE_BYTES.items()},
         schemes={name: scheme_size(config, *scheme, kv_per_token) for name, scheme in SCHEMES.items()},
-        logit_softcap=config.logit_softcap,
+        options=options(config),
+        embedding_saving=None if config.embed_dim is None else unfactorised - (embedding + head + projections),
     )
+
+
+def options(config: ModelConfig) -> list[str]:
+    """The architecture options of `config` that are not the defaults, as the report lists them."""
+    chosen = {
+        "qk_norm": config.qk_norm,
+        f"mlp={config.mlp}": config.mlp != "swiglu",
+        "zero_init_proj": config.zero_init_proj,
+        f"embed_dim={config.embed_dim}": config.embed_dim is not None,
+        f"logit_softcap={config.logit_softcap} (logits = {config.logit_softcap} * tanh(z / {config.logit_softcap}))": (
+            config.logit_softcap is not None
+        ),
+    }
+    return [name for name, on in chosen.items() if on]
 
 
 def hidden_keys(context: int, window: int) -> int:
@@ -183,7 +206,7 @@ def scheme_size(
 ) -> SchemeSize | str:
     """The sizes of a `config` model's weights in one scheme (see SCHEMES), by arithmetic on one block's shapes; the
     reason as a string where int4 groups do not divide a weight's inputs."""
-    from .model import block_shapes
+    from .model import block_shapes, outside_shapes
     from .quantize import Quantization, is_quantizable, packed_shapes
 
     quantization = None if bits is None else Quantization(bits, group_size, ())
@@ -194,9 +217,7 @@ def scheme_size(
         packed = packed_shapes(name, shape, quantization).values()
         return sum(math.prod(packed_shape) * SAFETENSORS_BYTES[kind] for packed_shape, kind in packed)
 
-    outside = {"embed.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,)}
-    if not config.tie_embeddings:
-        outside["lm_head.weight"] = (config.vocab_size, config.dim)
+    outside = outside_shapes(config)
     if quantization is not None and config.n_experts:
         return "minigrok quantize does not handle mixture-of-experts models"
     try:

@@ -5,14 +5,24 @@ import torch
 
 from minigrok import MiniGrok, ModelConfig
 
+# The architecture options together: per-head QK RMSNorm (the Triton rms_norm over head_dim rows), ReLU² and a
+# factorised embedding whose down projection feeds the fused head + cross-entropy.
+OPTIONS = {"qk_norm": True, "mlp": "relu2", "embed_dim": 24}
+
 
 @pytest.mark.parametrize(
-    ("share", "window", "layer_pattern"),
-    [("none", None, "A"), ("cycle", None, "A"), ("cycle", 5, "A"), ("none", None, "CA")],
+    ("share", "window", "layer_pattern", "options"),
+    [
+        ("none", None, "A", {}),
+        ("cycle", None, "A", {}),
+        ("cycle", 5, "A", {}),
+        ("none", None, "CA", {}),
+        ("cycle", 5, "A", OPTIONS),
+    ],
 )
-def test_triton_backend_matches_torch_backend(share, window, layer_pattern):
+def test_triton_backend_matches_torch_backend(share, window, layer_pattern, options):
     torch.manual_seed(0)
-    overrides = {"share": share, "n_unique_layers": None, "backend": "torch", "window": window}
+    overrides = {"share": share, "n_unique_layers": None, "backend": "torch", "window": window} | options
     overrides |= {"layer_pattern": layer_pattern} | ({"n_layers": 4, "window_pattern": "SSL"} if window else {})
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config)
@@ -32,11 +42,14 @@ def test_triton_backend_matches_torch_backend(share, window, layer_pattern):
         torch.testing.assert_close(tri_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize(("window", "layer_pattern"), [(None, "A"), (3, "A"), (None, "CA"), (3, "CA")])
-def test_triton_backend_generation_with_kv_cache(window, layer_pattern):
+@pytest.mark.parametrize(
+    ("window", "layer_pattern", "options"),
+    [(None, "A", {}), (3, "A", {}), (None, "CA", {}), (3, "CA", {}), (3, "CA", OPTIONS)],
+)
+def test_triton_backend_generation_with_kv_cache(window, layer_pattern, options):
     """With a window of 3 the decode steps run far past it, the windowed layer through its ring of 3 slots."""
     torch.manual_seed(2)
-    overrides = {"backend": "torch", "layer_pattern": layer_pattern}
+    overrides = {"backend": "torch", "layer_pattern": layer_pattern} | options
     overrides |= {"window": window, "window_pattern": "SL"} if window else {}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config).eval()

@@ -146,13 +146,14 @@ def test_a_shape_neutral_config_edit_loads_with_a_warning_naming_it(tmp_path):
 
 def test_a_checkpoint_saved_before_newer_config_fields_loads_without_a_warning(tmp_path):
     """config.json and the manifest of an older checkpoint both lack the fields added since (window, MoE, conv
-    layers): both take the defaults, so nothing changed and nothing is said."""
+    layers, qk_norm, mlp, zero_init_proj, embed_dim): both take the defaults, so nothing changed and nothing is said."""
     import warnings
 
     model = MiniGrok(ModelConfig(**CONFIG))
     model.save_pretrained(tmp_path)
     newer = ("window", "window_pattern", "n_experts", "experts_per_token", "moe_layers", "moe_ffn_dim", "layer_pattern")
     newer += ("logit_softcap",)
+    newer += ("qk_norm", "mlp", "zero_init_proj", "embed_dim")
     manifest, config_path = tmp_path / "manifest.json", tmp_path / "config.json"
     for path, key in ((manifest, "config"), (config_path, None)):
         data = json.loads(path.read_text())

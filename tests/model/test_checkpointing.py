@@ -17,6 +17,7 @@ SHARED = {
     "cycle": {"share": "cycle", "n_unique_layers": 2},
     "all": {"share": "all"},
     "conv-cycle": {"share": "cycle", "n_unique_layers": 2, "layer_pattern": "CA"},  # selective recomputes C whole
+    "options": {"qk_norm": True, "mlp": "relu2", "embed_dim": 16},  # the q/k norms sit in the recomputed projections
 }
 
 

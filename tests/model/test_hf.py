@@ -1,4 +1,4 @@
-"""Interop with transformers' own LlamaForCausalLM: export, import and logits parity in fp32."""
+"""Interop with transformers' own LlamaForCausalLM (Ministral, Qwen3): export, import and logits parity in fp32."""
 
 import json
 
@@ -37,6 +37,7 @@ def hf_logits(directory, ids):
         dict(n_heads=4, n_kv_heads=1, tie_embeddings=False, rope_theta=500.0),  # MQA, untied head
         dict(n_heads=6, n_kv_heads=3, head_dim=10),  # head_dim not dim / n_heads
         dict(n_heads=4, n_kv_heads=2, share="immediate"),  # shared blocks unrolled
+        dict(n_heads=4, n_kv_heads=2, zero_init_proj=True),  # an init-only option: exports as any Llama
     ],
 )
 def test_export_matches_transformers_logits(tmp_path, overrides):
@@ -57,17 +58,19 @@ def test_export_matches_transformers_logits(tmp_path, overrides):
         torch.testing.assert_close(back(ids).logits, ours, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_kv_heads,tied", [(2, False), (1, True)])
-def test_import_random_llama(tmp_path, n_kv_heads, tied):
+@pytest.mark.parametrize("architecture,n_kv_heads,tied", [("Llama", 2, False), ("Llama", 1, True), ("Qwen3", 2, False)])
+def test_import_random_llama_and_qwen3(tmp_path, architecture, n_kv_heads, tied):
+    """A Qwen3 imports as a QK-norm model (its head_dim, 12, not hidden_size / heads)."""
     torch.manual_seed(1)
-    hf_config = transformers.LlamaConfig(
+    hf_config = getattr(transformers, f"{architecture}Config")(
         **SMALL_HF,
         num_key_value_heads=n_kv_heads,
+        head_dim=12,
         rms_norm_eps=1e-6,
         rope_theta=2000.0,
         tie_word_embeddings=tied,
     )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf = getattr(transformers, f"{architecture}ForCausalLM")(hf_config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
@@ -75,6 +78,7 @@ def test_import_random_llama(tmp_path, n_kv_heads, tied):
     hf.save_pretrained(tmp_path)
     model = import_hf(tmp_path).eval()
     assert model.config.n_kv_heads == n_kv_heads and model.config.tie_embeddings == tied
+    assert model.config.qk_norm == (architecture == "Qwen3") and model.config.head_dim == 12
     ids = torch.randint(0, 89, (2, 23))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
@@ -186,3 +190,54 @@ def test_bad_layer_types_are_refused(tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="layer_types=.*must list sliding_attention or full_attention"):
         import_hf(directory)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(n_heads=4, n_kv_heads=2),  # GQA
+        dict(n_heads=4, n_kv_heads=1, tie_embeddings=False, rope_theta=500.0, norm_eps=1e-3),  # eps reaches q/k norms
+        dict(n_heads=6, n_kv_heads=3, head_dim=10),  # head_dim not dim / n_heads
+        dict(n_heads=4, n_kv_heads=2, share="cycle", n_unique_layers=2, window=5, window_pattern="SL"),
+    ],
+)
+def test_qk_norm_export_matches_transformers_qwen3_logits(tmp_path, overrides):
+    """QK-norm models export as Qwen3ForCausalLM (per-head q_norm and k_norm gains before RoPE): its logits."""
+    torch.manual_seed(5)
+    config = ModelConfig(
+        **(dict(vocab_size=101, dim=48, n_layers=4, ffn_dim=72, max_seq_len=64, qk_norm=True) | overrides)
+    )
+    model = MiniGrok(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # every gain off 1.0, q_norm and k_norm included
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+        model.blocks[0].attn.q_norm.weight.mul_(4)  # large enough that a missing or misplaced q_norm shows
+    export_hf(model, tmp_path)
+    ids = torch.randint(0, 101, (2, 23))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        ours = model(ids).logits
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-5, atol=1e-5)
+        hf.model.layers[0].self_attn.q_norm.weight.fill_(1.0)
+        assert not torch.allclose(hf(ids).logits, ours, atol=1e-3)  # the gains are mapped, not ignored
+    back = import_hf(tmp_path)
+    assert back.config.qk_norm and back.config.layer_windows() == config.layer_windows()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(mlp="relu2"), "mlp='relu2': the Llama and Qwen3 layouts have SwiGLU MLPs only"),
+        (dict(embed_dim=16), "embed_dim=16: the Llama and Qwen3 layouts have no factorised embedding"),
+        (dict(embed_dim=16, qk_norm=True), "embed_dim=16"),
+    ],
+)
+def test_export_refuses_what_the_layouts_cannot_hold(tmp_path, overrides, message):
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, **overrides)
+    with pytest.raises(ValueError, match=message):
+        export_hf(MiniGrok(config), tmp_path)
+    assert not any(tmp_path.iterdir())
