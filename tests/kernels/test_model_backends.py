@@ -47,10 +47,10 @@ def test_triton_backend_matches_torch_backend(share, window, layer_pattern, opti
     [(None, "A", {}), (3, "A", {}), (None, "CA", {}), (3, "CA", {}), (3, "CA", OPTIONS)],
 )
 def test_triton_backend_generation_with_kv_cache(window, layer_pattern, options):
-    """With a window of 3 the decode steps run far past it, the windowed layer through its ring of 3 slots."""
+    """With a window of 3 the decode steps run far past it, the windowed (attention) layer through its ring of 3 slots."""
     torch.manual_seed(2)
     overrides = {"backend": "torch", "layer_pattern": layer_pattern} | options
-    overrides |= {"window": window, "window_pattern": "SL"} if window else {}
+    overrides |= {"window": window, "window_pattern": "LS"} if window else {}
     config = ModelConfig.from_dict(ModelConfig.from_yaml("tiny").to_dict() | overrides)
     reference = MiniGrok(config).eval()
     triton_model = MiniGrok(ModelConfig.from_dict(config.to_dict() | {"backend": "triton"})).eval()
