@@ -233,10 +233,10 @@ class Attention(nn.Module):
         # [B, T, H*D] -> [B, H, T, D] as strided views; the ops take any strides.
         q = q.view(batch, length, self.n_heads, self.head_dim)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # in v's dtype: under autocast the norm's float32 gain would promote q and k
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = functional.apply_rope(q, k, cos, sin, backend=self.backend)
         return q, k, v
 

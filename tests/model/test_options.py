@@ -186,6 +186,24 @@ def test_kv_cache_decoding_matches_full_forward(overrides):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [*OPTIONS, *CACHED, dict(zero_init_proj=True, logit_softcap=15.0)])
+def test_the_options_train_and_decode_in_bfloat16_autocast_as_the_trainer_runs_them(overrides):
+    """Under bf16 autocast (train.dtype=bf16 on a CPU) the loss, its gradients and a cached decode run and stay near
+    float32's; qk_norm once promoted q and k past v's dtype there, which attention refused."""
+    from minigrok.machine import autocast
+
+    config = small_config(**overrides)
+    model = built(config, seed=3).train()
+    ids = random_ids(config, 2, 21, seed=3)
+    exact = model(ids, targets=ids.roll(-1, dims=1)).loss
+    with autocast("bf16", torch.device("cpu")):
+        loss = model(ids, targets=ids.roll(-1, dims=1)).loss
+        loss.backward()
+        model.eval().generate(ids[:, :6], max_new_tokens=8, temperature=0)
+    torch.testing.assert_close(loss.float(), exact, rtol=3e-2, atol=0.0)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("overrides", CACHED[:2])
 def test_greedy_generation_equals_argmax_of_full_forward(overrides):
     model = built(small_config(**overrides), seed=2)
