@@ -33,6 +33,7 @@ BUILTIN = "builtin"
 BUILTIN_ROWS = 400
 TIMEOUT_S = 10.0
 MEMORY_BYTES = 1 << 30
+BATCH_SIZE, MAX_NEW_TOKENS = 8, 128  # minigrok eval's defaults, and those of train.eval_tasks
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 UNSHARE = getattr(ctypes.CDLL(None), "unshare", None)  # Linux's unshare(2), looked up before any fork
 
@@ -323,6 +324,26 @@ def task_rows(spec: str, limit: int | None) -> tuple[str, str, list[dict]]:
     return Path(spec).stem, kind, rows
 
 
+def load_tasks(specs: list[str], limit: int | None = None) -> list[tuple[str, str, list[dict]]]:
+    """(name, kind, rows) of each task, every file checked before any model runs; no two may share a name."""
+    tasks = [task_rows(spec, limit) for spec in specs]
+    names = [name for name, _, _ in tasks]
+    if len(set(names)) < len(names):
+        raise TaskError(f"two tasks are named {max(names, key=names.count)!r}: give each task file its own stem")
+    return tasks
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: list[tuple[str, str, list[dict]]],
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict[str, dict]:
+    """{name: metrics} of each loaded task."""
+    return {name: evaluate_task(model, tokenizer, kind, rows, batch_size, max_new_tokens) for name, kind, rows in tasks}
+
+
 def evaluate_task(model, tokenizer, kind: str, rows: list[dict], batch_size: int, max_new_tokens: int) -> dict:
     """The metrics of one task's rows."""
     if kind == "multiple_choice":
@@ -335,11 +356,26 @@ def evaluate_task(model, tokenizer, kind: str, rows: list[dict], batch_size: int
     return metrics({"pass@1": [float(run_sandboxed(program) == "passed") for program in programs]})
 
 
+def scores(result: dict) -> list[str]:
+    """The metric names of one task's result (not n or the standard errors)."""
+    return [metric for metric in result if metric != "n" and not metric.endswith("_stderr")]
+
+
+def summary(results: dict[str, dict]) -> str:
+    """One line: every task's metrics as value ± stderr."""
+    return ", ".join(
+        f"{name} {metric} {result[metric]:.4f}"
+        + ("" if result[f"{metric}_stderr"] is None else f" ± {result[f'{metric}_stderr']:.4f}")
+        for name, result in results.items()
+        for metric in scores(result)
+    )
+
+
 def format_table(results: dict[str, dict]) -> str:
     """One line per task and metric: value ± stderr, and n."""
     lines = [f"{'task':<24} {'metric':<12} {'value':>8} {'stderr':>8} {'n':>6}"]
     for name, result in results.items():
-        for metric in (m for m in result if m != "n" and not m.endswith("_stderr")):
+        for metric in scores(result):
             stderr = result[f"{metric}_stderr"]
             shown = "-" if stderr is None else f"{stderr:.4f}"
             lines.append(f"{name:<24} {metric:<12} {result[metric]:>8.4f} {shown:>8} {result['n']:>6}")

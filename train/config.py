@@ -91,6 +91,10 @@ class TrainConfig:
     """steps between validation evaluations"""
     eval_tokens: int = 65536
     """validation tokens scored at each evaluation"""
+    eval_tasks: list[str] | None = None
+    """downstream tasks scored while training (builtin or JSONL paths, as minigrok eval --tasks; comma-separated)"""
+    eval_tasks_every: int | None = None
+    """steps between task evaluations (null: at the end only); their time counts in the run's like validation's"""
     log_every: int = 10
     """steps between lines of log.jsonl"""
     log_to: str = "jsonl"
@@ -163,9 +167,21 @@ class TrainConfig:
         self._check_int("tokenizer_vocab_size", minimum=259)
         self._check_int("min_doc_chars", minimum=0)
         Curation.of(self)  # checks the curation fields
-        for name in ("max_steps", "max_tokens"):
+        for name in ("max_steps", "max_tokens", "eval_tasks_every"):
             if getattr(self, name) is not None:
                 self._check_int(name, minimum=1)
+        if isinstance(self.eval_tasks, str):  # --set train.eval_tasks=builtin,tasks/qa.jsonl
+            self.eval_tasks = [task for task in self.eval_tasks.split(",") if task]
+        tasks = self.eval_tasks
+        if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) and t for t in tasks)):
+            raise ConfigError(
+                f"train.eval_tasks={show(tasks)} must be a list of task names or JSONL paths, e.g. [builtin]"
+            )
+        if self.eval_tasks_every is not None and not tasks:
+            raise ConfigError(
+                f"train.eval_tasks_every={self.eval_tasks_every} but train.eval_tasks is empty: name the tasks "
+                "(e.g. train.eval_tasks=builtin) or drop eval_tasks_every"
+            )
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise ConfigError("no budget: set train.max_steps, train.max_tokens or train.max_minutes")
         for name in ("lr", "muon_lr", "max_minutes", "peak_flops", "dist_timeout_s"):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minigrok import tasks
 from minigrok.checkpoint import CheckpointError
 from minigrok.files import atomic_write
 from minigrok.machine import autocast, matmul_peak_flops, resolve_dtype
@@ -179,10 +180,12 @@ class Trainer:
         self.sampler = data.sampler("train", self.world.size * config.batch_size, config.seq_len, config.seed)
         self.rows = self.world.rows(config.batch_size)
         self.val_tokens = data.tokens("val")
+        self.eval_tasks = tasks.load_tasks(config.eval_tasks or [])  # a bad task file fails here, at the start
         self.progress = progress and self.world.is_main
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.start_time: float | None = None  # set while train() runs
         self.best_val: float | None = None
+        self.last_task_step: int | None = None
         self.best_step: int | None = None
         self.changes: list[str] = []  # what a resume changed (config fields, data): logged when training starts
         self.flops_per_token = self.model.report(context=config.seq_len).train_flops_per_token
@@ -445,6 +448,21 @@ class Trainer:
         self.log(record)
         return record
 
+    def run_task_eval(self, write=print) -> None:
+        """Score train.eval_tasks on rank 0 (fsdp gathers the model; the other ranks wait) and log them as
+        {"tasks": {name: metrics}}."""
+        model = self.plain_model()
+        if model is not None:
+            was_training = model.training
+            model.eval()
+            with autocast(self.dtype, self.device):
+                results = tasks.evaluate_tasks(model, self.tokenizer, self.eval_tasks)
+            model.train(was_training)
+            self.log({"step": self.step, "tokens": self.tokens_seen, "time": self.elapsed(), "tasks": results})
+            write(f"step {self.step}: {tasks.summary(results)}")
+        distributed.wait_for_main()
+        self.last_task_step = self.step
+
     def log_segment(self) -> float:
         """Log (file and console) how this stretch of the run trains: the dtype with its figures, the matmul peak
         behind MFU (of all processes together), the processes and the global batch, and what a resume changed.
@@ -552,6 +570,8 @@ class Trainer:
                         bar.write(
                             f"step {self.step}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.4f} bits/byte"
                         )
+                if self.eval_tasks and config.eval_tasks_every and self.step % config.eval_tasks_every == 0:
+                    self.run_task_eval(bar.write)
                 if self.step % config.ckpt_every == 0 or self.stop_requested is not None:
                     path = self.save_checkpoint()
                 if self.stop_requested is not None:
@@ -564,6 +584,8 @@ class Trainer:
                     )
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()
+        if self.eval_tasks and self.last_task_step != self.step:
+            self.run_task_eval()
         if self.step % config.ckpt_every:  # otherwise the loop has just saved this step
             self.save_checkpoint()
         self.elapsed_before, self.start_time = self.elapsed(), None

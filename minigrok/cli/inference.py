@@ -182,13 +182,13 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_task_eval(args: argparse.Namespace) -> None:
     """Score each of --tasks, print a table, and with --json write the metrics, the checkpoint, its parameter count
     and the wall time."""
-    import json
     import time
 
     import torch
 
+    from ..files import write_json
     from ..machine import autocast
-    from ..tasks import evaluate_task, format_table, task_rows
+    from ..tasks import evaluate_tasks, format_table, load_tasks
 
     if args.data:
         raise ValueError("--data and --tasks are two kinds of eval: give one of them")
@@ -196,16 +196,11 @@ def run_task_eval(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     started = time.perf_counter()
-    tasks = [task_rows(spec, args.limit) for spec in args.tasks]  # every file checked before the model runs
-    names = [name for name, _, _ in tasks]
-    if len(set(names)) < len(names):
-        raise ValueError(f"--tasks names two tasks {max(names, key=names.count)!r}: give each file its own stem")
+    tasks = load_tasks(args.tasks, args.limit)  # every file checked before the model runs
     model, tokenizer = load_checkpoint(args.checkpoint, verify=not args.no_verify)
     dtype = inference_dtype(args.dtype, model, rows=args.batch_size * model.config.max_seq_len)
-    results = {}
     with autocast(dtype, torch.device("cpu")):
-        for name, kind, rows in tasks:
-            results[name] = evaluate_task(model, tokenizer, kind, rows, args.batch_size, args.max_new_tokens)
+        results = evaluate_tasks(model, tokenizer, tasks, args.batch_size, args.max_new_tokens)
     print(format_table(results))
     report = {
         "checkpoint": args.checkpoint,
@@ -215,5 +210,4 @@ def run_task_eval(args: argparse.Namespace) -> None:
         "tasks": results,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)

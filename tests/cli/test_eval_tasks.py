@@ -130,3 +130,48 @@ def test_bad_rows_are_refused_naming_file_line_and_field(checkpoint, tmp_path, c
 def test_a_missing_task_file_is_named(checkpoint, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(checkpoint), "--tasks", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_tasks_scored_while_training_are_logged_plotted_and_equal_eval_of_the_checkpoint(corpus, tmp_path, capsys):
+    rows = [
+        {
+            "context": f"def function_{i}_{n}(x):\n    return x *",
+            "choices": [f" {n} - {i}", f" {n + 1} - {i}"],
+            "gold": 0,
+        }
+        for i, n in ((0, 3), (1, 7), (2, 11), (3, 5), (1, 40))
+    ]
+    task = write_jsonl(tmp_path / "returns.jsonl", rows)
+    out = tmp_path / "run"
+    flags = ["--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "train.ckpt_every=4"]
+    flags += ["--set", "train.dtype=fp32", "--set", f"train.eval_tasks={task}", "--set", "train.eval_tasks_every=4"]
+    argv = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", "byte", "--out", str(out)]
+    assert main([*argv, *flags, "--samples", "0"]) == 0
+    assert "step 8: returns acc " in capsys.readouterr().out
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    scored = [record for record in logged if "tasks" in record]
+    assert [record["step"] for record in scored] == [4, 8]
+    report = run_eval(out / "ckpt-8", [task], tmp_path / "eval.json")
+    assert scored[-1]["tasks"]["returns"] == pytest.approx(report["tasks"]["returns"], rel=1e-6)
+    assert main(["plot", str(out), "--out", str(tmp_path / "curves.png")]) == 0
+    from PIL import Image
+
+    with_tasks = Image.open(tmp_path / "curves.png").size[1]
+    without = tmp_path / "plain"
+    assert (
+        main([*argv[:-1], str(without), "--set", "train.max_steps=4", "--set", "train.dtype=fp32", "--samples", "0"])
+        == 0
+    )
+    assert main(["plot", str(without), "--out", str(tmp_path / "plain.png")]) == 0
+    assert with_tasks > Image.open(tmp_path / "plain.png").size[1]  # the row of task scores
+
+
+def test_a_bad_task_file_stops_training_before_it_starts(corpus, tmp_path, capsys):
+    task = write_jsonl(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["b", "c"], "gold": 5}])
+    out = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--data", str(corpus), "--tokenizer", "byte", "--out", str(out)]
+    assert main([*argv, "--set", "train.max_steps=4", "--set", f"train.eval_tasks={task}"]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert not list(out.glob("ckpt-*"))
+    assert main([*argv, "--set", "train.max_steps=4", "--set", "train.eval_tasks_every=2"]) == 2
+    assert "train.eval_tasks_every=2 but train.eval_tasks is empty" in capsys.readouterr().err
